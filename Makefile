@@ -1,0 +1,26 @@
+# `make demo` and `make test` each build .venv (Python >= 3.12), install requirements.txt, and run.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?= -n 2
+
+.PHONY: demo test venv clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	@py=$$(scripts/find_python.sh) || exit 1; \
+	echo "using $$py ($$($$py --version))"; \
+	[ -x $(PY) ] || $$py -m venv $(VENV); \
+	$(PY) -m pip install -q --upgrade pip && \
+	$(PY) -m pip install -q -r requirements.txt && touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m launch --config=configs/quickstart.py --workdir=runs/demo --overwrite
+
+clean-venv:
+	rm -rf $(VENV)

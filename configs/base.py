@@ -1,0 +1,85 @@
+"""Base config: Qwen2.5 dense GQA decoder with the EfficientLLM training recipe.
+
+Usage: --config=configs/base.py:1.5B  (presets: tiny, 0.5B, 1.5B, 3B)
+Every other config file starts from `get_config(size)` here and changes only its own section.
+"""
+
+import ml_collections
+
+# Qwen2.5 dimensions (PAPERS.md): hidden, layers, heads, kv heads, head dim, SwiGLU width, micro-batch.
+SIZES = {
+    "tiny": dict(hidden=128, layers=2, heads=4, kv_heads=2, head_dim=32, ffn=384, micro_batch=8),
+    "0.5B": dict(hidden=896, layers=24, heads=14, kv_heads=2, head_dim=64, ffn=4864, micro_batch=4),
+    "1.5B": dict(hidden=1536, layers=28, heads=12, kv_heads=2, head_dim=128, ffn=8960, micro_batch=2),
+    "3B": dict(hidden=2048, layers=36, heads=16, kv_heads=2, head_dim=128, ffn=11008, micro_batch=1),
+}
+QWEN_VOCAB = 151936
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  if arg not in SIZES:
+    raise ValueError(f"unknown size preset {arg!r}: use one of {', '.join(SIZES)} (e.g. configs/base.py:1.5B)")
+  s = SIZES[arg]
+  tiny = arg == "tiny"
+  c = ml_collections.ConfigDict()
+  c.size = arg
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 4096 if tiny else QWEN_VOCAB  # must cover the tokenizer's vocabulary
+  m.hidden = s["hidden"]
+  m.num_layers = s["layers"]
+  m.num_heads = s["heads"]
+  m.num_kv_heads = s["kv_heads"]
+  m.head_dim = s["head_dim"]
+  m.ffn_dim = s["ffn"]
+  m.rms_eps = 1e-6
+  m.qkv_bias = True
+  m.tie_embeddings = True
+  m.init_std = 0.02
+  m.param_dtype = "float32"
+  m.dtype = "float32" if tiny else "bfloat16"  # compute dtype (CPUs emulate bf16 slowly)
+  m.remat = "none" if tiny else "full"  # none | full | dots
+  m.scan_layers = True
+
+  c.attention = a = ml_collections.ConfigDict()
+  a.kind = "gqa"  # mha | gqa | mqa (num_kv_heads decides) | mla | nsa
+  a.impl = "auto"  # auto | xla | cudnn
+  a.window = 0  # sliding window in tokens, 0 = full causal
+
+  c.position = p = ml_collections.ConfigDict()
+  p.kind = "rope"  # rope | none (more kinds: models/positional.py)
+  p.rope_theta = 1e6
+  p.rope_fraction = 1.0  # fraction of head_dim that is rotated (partial rotary)
+
+  c.ffn = f = ml_collections.ConfigDict()
+  f.kind = "dense"  # dense (SwiGLU) | moe
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "embedded"  # embedded: the running Python's standard-library sources
+  d.tokenizer = "bpe"  # bpe (byte-level BPE trained on the corpus, cached) | bytes
+  d.bpe_vocab_size = 4096
+  d.max_corpus_mb = 8.0 if tiny else 0.0  # 0 = whole corpus
+  d.seq_len = 128 if tiny else 8192
+  d.eval_fraction = 0.02
+  d.shuffle_seed = 0
+  d.cache_dir = ""  # "" = ~/.cache/efficientllm_jax (or $EFFICIENTLLM_CACHE)
+  d.prefetch = 2
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 200 if tiny else 1000
+  t.micro_batch = s["micro_batch"]
+  t.grad_accum = 1
+  t.lr = 3e-3 if tiny else 1e-4
+  t.min_lr = 3e-4 if tiny else 1e-5
+  t.warmup_steps = 20 if tiny else 100
+  t.weight_decay = 0.1
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.eps = 1e-8
+  t.clip_norm = 1.0
+  t.seed = 0
+  t.loss_chunk = 2048  # tokens per cross-entropy chunk (bounds fp32 logits memory); 0 = no chunking
+  t.log_every = 10
+  t.eval_every = 100
+  t.eval_batches = 4
+  return c

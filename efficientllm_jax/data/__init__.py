@@ -1,0 +1,1 @@
+"""Data: tokenizer, embedded corpus, grain pipeline (later: prepare -> ArrayRecord)."""

@@ -1,0 +1,1 @@
+"""Metrics: writers now; flops, device monitor and efficiency aggregation attach here."""

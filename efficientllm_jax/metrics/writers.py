@@ -1,0 +1,51 @@
+"""Where scalars go: tensorboardX (workdir/tb), metrics.jsonl, and one console line per log interval."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from tensorboardX import SummaryWriter
+
+
+def _num(v):
+  try:
+    return float(v)
+  except (TypeError, ValueError):
+    return None
+
+
+class MetricWriter:
+
+  def __init__(self, workdir: Path, *, console=sys.stdout):
+    self.workdir = Path(workdir)
+    self.tb = SummaryWriter(str(self.workdir / "tb"))
+    self.jsonl = open(self.workdir / "metrics.jsonl", "a", buffering=1)
+    self.console = console
+
+  def write(self, step: int, scalars: dict, *, prefix: str = "train") -> None:
+    clean = {k: _num(v) for k, v in scalars.items()}
+    for k, v in clean.items():
+      if v is not None and math.isfinite(v):
+        self.tb.add_scalar(f"{prefix}/{k}", v, step)
+    self.jsonl.write(json.dumps({"step": step, "split": prefix, **clean}) + "\n")
+
+  def print(self, line: str) -> None:
+    print(line, file=self.console, flush=True)
+
+  def close(self) -> None:
+    self.tb.close()
+    self.jsonl.close()
+
+
+def progress_line(step: int, total: int, s: dict) -> str:
+  parts = [f"step {step:>{len(str(total))}}/{total}", f"loss {s['loss']:.4f}"]
+  if "step_time" in s:
+    parts += [f"{s['step_time'] * 1e3:.1f} ms/step", f"{s['tokens_per_s']:,.0f} tok/s"]
+  if "lr" in s:
+    parts.append(f"lr {s['lr']:.2e}")
+  if "grad_norm" in s:
+    parts.append(f"gnorm {s['grad_norm']:.3f}")
+  return " | ".join(parts)

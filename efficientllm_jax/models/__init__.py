@@ -1,0 +1,1 @@
+"""Model code: decoder, layers, attention variants, positions, MoE."""

@@ -1,0 +1,9 @@
+"""Attention variants, one file per kind; `make_attention` maps `attention.kind` to its module."""
+
+from efficientllm_jax.models.attention.gqa import GQAAttention
+
+ATTENTIONS = {"mha": GQAAttention, "gqa": GQAAttention, "mqa": GQAAttention}
+
+
+def make_attention(cfg, *, rngs):
+  return ATTENTIONS[cfg.attention.kind](cfg, rngs=rngs)

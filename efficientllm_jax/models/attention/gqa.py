@@ -1,0 +1,30 @@
+"""MHA / GQA / MQA: one module, `model.num_kv_heads` decides (MHA = heads, Qwen2.5 GQA = 2, MQA = 1)."""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from efficientllm_jax.models.attention import ops
+from efficientllm_jax.models.layers import dense
+from efficientllm_jax.models.positional import PositionContext, rotate
+
+
+class GQAAttention(nnx.Module):
+  """Qwen2 attention: biased q/k/v projections, RoPE on q and k, unbiased output projection."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    m = cfg.model
+    d, h, kv, hd = m.hidden, m.num_heads, m.num_kv_heads, m.head_dim
+    self.q = dense(d, (h, hd), ("embed", "heads", "head_dim"), cfg=cfg, rngs=rngs, use_bias=m.qkv_bias)
+    self.k = dense(d, (kv, hd), ("embed", "kv_heads", "head_dim"), cfg=cfg, rngs=rngs, use_bias=m.qkv_bias)
+    self.v = dense(d, (kv, hd), ("embed", "kv_heads", "head_dim"), cfg=cfg, rngs=rngs, use_bias=m.qkv_bias)
+    self.o = dense((h, hd), d, ("heads", "head_dim", "embed"), cfg=cfg, rngs=rngs, axis=(-2, -1))
+    self.impl = cfg.attention.impl
+    self.window = int(cfg.attention.window)
+
+  def __call__(self, x_btd, ctx: PositionContext):
+    q_bthd = rotate(self.q(x_btd), ctx)
+    k_bshd = rotate(self.k(x_btd), ctx)
+    v_bshd = self.v(x_btd)
+    out_bthd = ops.attention(q_bthd, k_bshd, v_bshd, impl=self.impl, bias=ctx.bias, window=self.window)
+    return self.o(out_bthd)

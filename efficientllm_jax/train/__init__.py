@@ -1,0 +1,1 @@
+"""Training: optimizer, loss, train/eval steps, loop."""

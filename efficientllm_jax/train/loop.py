@@ -1,0 +1,157 @@
+"""The training loop: dispatch step t, then read step t-1's scalars, so the device never waits on logging.
+
+Per-step wall times come from the moments step t-1's scalars arrive (the device is kept one step ahead);
+step 0 carries compilation and is reported apart as compile time. Non-finite loss stops the run with a message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from efficientllm_jax import config as config_lib
+from efficientllm_jax.data import pipeline
+from efficientllm_jax.metrics.writers import MetricWriter, progress_line
+from efficientllm_jax.models.transformer import param_counts
+from efficientllm_jax.train import step as step_lib
+
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "tb")
+
+
+class TrainingDiverged(RuntimeError):
+  """Loss became NaN/inf; str(err) is the one line to show."""
+
+
+class WorkdirError(ValueError):
+  """The workdir already holds a run; str(err) is the one line to show."""
+
+
+def prepare_workdir(workdir: Path, *, overwrite: bool) -> None:
+  """Refuses to mix with an earlier run; with overwrite=True moves it aside into previous-<time>/ (never deletes)."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  existing = [f for f in RUN_FILES if (workdir / f).exists()]
+  if not existing:
+    return
+  if not overwrite:
+    raise WorkdirError(f"workdir {workdir} already holds a run ({', '.join(existing)}): pick a new --workdir, "
+                       "or pass --overwrite to move the old run into a previous-<time>/ subfolder")
+  backup = workdir / time.strftime("previous-%Y%m%d-%H%M%S")
+  backup.mkdir()
+  for f in existing:
+    shutil.move(str(workdir / f), str(backup / f))
+
+
+def evaluate(eval_step, params, batches) -> dict:
+  sums = [eval_step(params, b) for b in batches]
+  loss_sum, count = (float(sum(np.asarray(s[i]) for s in sums)) for i in (0, 1))
+  loss = loss_sum / max(count, 1.0)
+  return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count}
+
+
+def _check_finite(step: int, m: dict) -> None:
+  bad = [k for k in ("loss", "grad_norm") if k in m and not math.isfinite(m[k])]
+  if bad:
+    raise TrainingDiverged(f"{bad[0]} became {m[bad[0]]} at step {step}: lower train.lr, keep train.clip_norm > 0, "
+                           "or check the data")
+
+
+def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False) -> dict:
+  """Trains `cfg` (validated here first) in `workdir`; returns the summary written to summary.json."""
+  config_lib.validate(cfg)
+  workdir = Path(workdir)
+  prepare_workdir(workdir, overwrite=overwrite)
+  (workdir / "config.json").write_text(config_lib.to_json(cfg))
+  splits = pipeline.make_splits(cfg)
+  writer = MetricWriter(workdir)
+  t = cfg.train
+  counts = param_counts(cfg)
+  tokens_per_step = t.micro_batch * t.grad_accum * cfg.data.seq_len
+  writer.print(f"model {cfg.size}: {counts['total']:,} params ({counts['non_embedding']:,} non-embedding) | "
+               f"attention {cfg.attention.kind}/{cfg.attention.impl} | position {cfg.position.kind} | "
+               f"ffn {cfg.ffn.kind} | {jax.device_count()} x {jax.devices()[0].device_kind}")
+  writer.print(f"data: {splits.description}; {len(splits.train):,} train / {len(splits.eval):,} eval sequences "
+               f"of {cfg.data.seq_len}; {tokens_per_step:,} tokens/step")
+
+  try:
+    return _train(cfg, workdir, splits, writer, counts, tokens_per_step)
+  finally:
+    writer.close()
+
+
+def _train(cfg, workdir, splits, writer, counts, tokens_per_step) -> dict:
+  t = cfg.train
+  graphdef, state, train_step, eval_step = step_lib.build(cfg)
+  batches = pipeline.train_iterator(splits.train, cfg)
+  held_out = pipeline.eval_batches(splits.eval, cfg)
+
+  step_times, history, evals = [], [], []
+  interval: list[float] = []
+  compile_s = None
+  t_start = time.perf_counter()
+  last_done = None
+  pending = None
+
+  def finish(step: int, metrics) -> None:
+    """Reads step `step`'s scalars (blocks until it is done) and logs at the interval."""
+    nonlocal last_done, compile_s
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    now = time.perf_counter()
+    _check_finite(step, m)
+    if last_done is None:
+      compile_s = now - t_start
+    else:
+      step_times.append(now - last_done)
+      interval.append(now - last_done)
+    last_done = now
+    history.append(m["loss"])
+    if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+      if interval:
+        m["step_time"] = float(np.mean(interval))
+        m["tokens_per_s"] = tokens_per_step / m["step_time"]
+      writer.write(step + 1, m)
+      writer.print(progress_line(step + 1, t.steps, m))
+      interval.clear()
+
+  def run_eval(step: int) -> None:
+    nonlocal last_done
+    e = evaluate(eval_step, state.params, held_out)
+    evals.append({"step": step, **e})
+    writer.write(step, e, prefix="eval")
+    writer.print(f"eval @ {step}: loss {e['loss']:.4f} | ppl {e['ppl']:.2f}")
+    last_done = time.perf_counter()  # eval time is not step time
+
+  for i in range(t.steps):
+    batch = next(batches)
+    state, metrics = train_step(state, batch)
+    if pending is not None:
+      finish(*pending)
+    pending = (i, metrics)
+    if t.eval_every and (i + 1) % t.eval_every == 0 and i + 1 < t.steps:
+      finish(*pending)
+      pending = None
+      run_eval(i + 1)
+  if pending is not None:
+    finish(*pending)
+  run_eval(t.steps)
+
+  mean_step = float(np.mean(step_times)) if step_times else None
+  summary = {
+      "size": cfg.size, "attention": cfg.attention.kind, "position": cfg.position.kind, "ffn": cfg.ffn.kind,
+      "steps": t.steps, "params": counts, "tokens_per_step": tokens_per_step,
+      "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
+      "compile_s": compile_s, "step_time_s": mean_step,
+      "tokens_per_s": tokens_per_step / mean_step if mean_step else None,
+      "first_loss": history[0], "final_loss": history[-1],
+      "eval_loss": evals[-1]["loss"], "ppl": evals[-1]["ppl"],
+      "wall_s": time.perf_counter() - t_start,
+  }
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  writer.print(f"done: {t.steps} steps | final loss {summary['final_loss']:.4f} | eval ppl {summary['ppl']:.2f} | "
+               + (f"{summary['tokens_per_s']:,.0f} tok/s | " if mean_step else "") + f"compile {compile_s:.1f}s")
+  return summary

@@ -1,0 +1,1 @@
+"""Entry points: `python -m launch` (one run); bench / slurm / xmanager launchers join here."""

@@ -1,0 +1,33 @@
+"""One training run: python -m launch --config=configs/base.py:tiny --workdir=runs/x [--config.train.steps=50]."""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from efficientllm_jax import config as config_lib
+from efficientllm_jax.data.pipeline import DataError
+from efficientllm_jax.train.loop import TrainingDiverged, WorkdirError, train_and_evaluate
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py:tiny", "Config file[:preset].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json, metrics.jsonl, tb/, summary.json).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Move an earlier run in --workdir aside instead of refusing.")
+flags.mark_flags_as_required(["workdir"])
+
+USER_ERRORS = (config_lib.ConfigError, DataError, WorkdirError, TrainingDiverged)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)
+  try:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
+  except USER_ERRORS as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
