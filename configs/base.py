@@ -54,6 +54,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.ffn = f = ml_collections.ConfigDict()
   f.kind = "dense"  # dense (SwiGLU) | moe
 
+  c.moe = ml_collections.ConfigDict()  # used when ffn.kind == "moe" (models/moe.py)
+
   c.data = d = ml_collections.ConfigDict()
   d.source = "embedded"  # embedded: the running Python's standard-library sources
   d.tokenizer = "bpe"  # bpe (byte-level BPE trained on the corpus, cached) | bytes
@@ -82,4 +84,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   t.log_every = 10
   t.eval_every = 100
   t.eval_batches = 4
+
+  c.metrics = ml_collections.ConfigDict()  # efficiency metrics (metrics/)
+
+  c.profile = ml_collections.ConfigDict()  # jax.profiler hooks
+
+  c.checkpoint = ml_collections.ConfigDict()  # orbax checkpointing (train/checkpoint.py)
+
+  c.init = ml_collections.ConfigDict()  # initial weights (e.g. imported Qwen2.5)
   return c

@@ -20,7 +20,7 @@ class PositionContext:
   """Per-forward position data broadcast to all layers (a pytree: scan-friendly)."""
   cos: Any = None  # [B, T, rot/2] fp32, RoPE only
   sin: Any = None
-  bias: Any = None  # logit-bias scheme object (relative / alibi), or None
+  bias: Any = None  # logit-bias object with dense(q_pos, k_pos) -> [H, t, s] (relative / alibi), or None
 
 
 def rope_tables(positions_bt, rot_dim: int, theta: float):

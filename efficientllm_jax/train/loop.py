@@ -54,6 +54,18 @@ def evaluate(eval_step, params, batches) -> dict:
   return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count}
 
 
+def flatten_scalars(metrics: dict) -> dict[str, float]:
+  """Scalars as floats; a vector metric (e.g. per-expert load) becomes name_0, name_1, ..."""
+  out = {}
+  for k, v in metrics.items():
+    a = np.asarray(v, dtype=np.float64)
+    if a.ndim == 0:
+      out[k] = float(a)
+    else:
+      out.update({f"{k}_{i}": float(x) for i, x in enumerate(a.reshape(-1))})
+  return out
+
+
 def _check_finite(step: int, m: dict) -> None:
   bad = [k for k in ("loss", "grad_norm") if k in m and not math.isfinite(m[k])]
   if bad:
@@ -100,7 +112,7 @@ def _train(cfg, workdir, splits, writer, counts, tokens_per_step) -> dict:
   def finish(step: int, metrics) -> None:
     """Reads step `step`'s scalars (blocks until it is done) and logs at the interval."""
     nonlocal last_done, compile_s
-    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    m = flatten_scalars(jax.device_get(metrics))
     now = time.perf_counter()
     _check_finite(step, m)
     if last_done is None:

@@ -6,6 +6,8 @@ Variants (gqa.py, mla.py, ...) build q/k/v; `attention()` picks the kernel by `i
          dense mask
   auto   cudnn on GPU where it applies, else xla
 Layouts: q [B, T, H, Dqk], k [B, S, K, Dqk], v [B, S, K, Dv] with H % K == 0 (GQA groups share a K/V head).
+A logit bias (relative / ALiBi positions) is passed as an object with `dense(q_pos [t], k_pos [s]) -> [H, t, s]`
+fp32, so a kernel may evaluate it tile by tile instead of receiving a dense tensor.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ def xla_attention(q, k, v, *, scale: float, bias=None, window: int = 0, causal: 
   g = h // kvh
   qg = q.reshape(b, t, kvh, g, d)
   logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-  if bias is not None:  # [H, t, s] or broadcastable
-    logits = logits + jnp.reshape(bias, (kvh, g) + bias.shape[-2:]).astype(jnp.float32)
+  if bias is not None:
+    b_hts = bias.dense(jnp.arange(t) + q_offset, jnp.arange(s))
+    logits = logits + b_hts.reshape(kvh, g, t, s).astype(jnp.float32)
   if causal:
     logits = jnp.where(causal_mask(t, s, window, q_offset), logits, -jnp.inf)
   probs = jax.nn.softmax(logits, axis=-1)
