@@ -45,6 +45,20 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   a.kind = "gqa"  # mha | gqa | mqa (num_kv_heads decides) | mla | nsa
   a.impl = "auto"  # auto | xla | cudnn
   a.window = 0  # sliding window in tokens, 0 = full causal
+  # MLA (DeepSeek-V2), used when kind == "mla"; suite defaults: kv_lora_rank = hidden/8 (EfficientLLM).
+  a.mla = ml_collections.ConfigDict()
+  a.mla.kv_lora_rank = max(s["hidden"] // 8, 8)
+  a.mla.q_lora_rank = 0  # 0 = no query compression (as DeepSeek-V2-Lite)
+  a.mla.qk_rope_head_dim = 8 if tiny else 64
+  a.mla.qk_nope_head_dim = s["head_dim"]
+  a.mla.v_head_dim = s["head_dim"]
+  # NSA (native sparse attention), used when kind == "nsa"; EfficientLLM setting (paper's: 32/16/64/16/512).
+  a.nsa = ml_collections.ConfigDict()
+  a.nsa.compress_block = 16 if tiny else 64  # l
+  a.nsa.compress_stride = 8 if tiny else 32  # d
+  a.nsa.select_block = 16 if tiny else 64  # l'
+  a.nsa.num_selected = 4  # n, counting the first block and the local blocks
+  a.nsa.window = 32 if tiny else 128  # w
 
   c.position = p = ml_collections.ConfigDict()
   p.kind = "rope"  # rope | none (more kinds: models/positional.py)
@@ -54,7 +68,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.ffn = f = ml_collections.ConfigDict()
   f.kind = "dense"  # dense (SwiGLU) | moe
 
-  c.moe = ml_collections.ConfigDict()  # used when ffn.kind == "moe" (models/moe.py)
+  c.moe = mo = ml_collections.ConfigDict()  # used when ffn.kind == "moe" (models/moe.py)
+  mo.num_experts = 8
+  mo.top_k = 2
+  mo.expert_dim = s["ffn"]  # width of each SwiGLU expert (the size's FFN width)
+  mo.renormalize = True  # top-k weights renormalised to sum to 1
+  mo.capacity_factor = 0.0  # <= 0: dropless (sorted + ragged_dot); > 0: capacity-based, drops counted
+  mo.aux_loss_coef = 0.01  # Switch load-balancing loss
+  mo.z_loss_coef = 0.0  # router z-loss
+  mo.num_shared_experts = 0
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "embedded"  # embedded: the running Python's standard-library sources
