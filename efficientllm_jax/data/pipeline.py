@@ -33,7 +33,7 @@ class PackedTokens:
 
   def __init__(self, tokens: np.ndarray, seq_len: int):
     self.tokens, self.seq_len = tokens, seq_len
-    self.n = (len(tokens) - 1) // seq_len
+    self.n = max(len(tokens) - 1, 0) // seq_len
 
   def __len__(self) -> int:
     return self.n
