@@ -152,11 +152,13 @@ class Profiler:
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       yield
 
-  def step_done(self, step: int) -> None:
-    """Called once `step`'s results have arrived, so the trace holds its device work."""
+  def step_done(self, step: int) -> bool:
+    """Called once `step`'s results have arrived, so the trace holds its device work; True if it stopped."""
     if self.active and step >= self.start + self.num - 1:
       self.stop()
       self.say(f"profile: steps {self.start}..{step} traced into {self.logdir} (TensorBoard > Profile)")
+      return True
+    return False
 
   def stop(self) -> None:
     if self.active:
@@ -174,7 +176,8 @@ class Efficiency:
   """
 
   def __init__(self, cfg, counts: dict, *, workdir=None, writer=None, monitor: DeviceMonitor | None = None,
-               clock=time.perf_counter):
+               clock=time.perf_counter, devices=None):
+    """`devices`: every device of the run (default jax.devices()); `monitor` samples this process' local ones."""
     self.cfg, self.clock, self.writer = cfg, clock, writer
     self.workdir = Path(workdir) if workdir is not None else None
     self.t0 = clock()
@@ -186,8 +189,8 @@ class Efficiency:
     self.samples_per_step = t.micro_batch * t.grad_accum
     self.tokens_per_step = self.samples_per_step * cfg.data.seq_len
     self.flops_per_step = flops_lib.training_flops_per_step(cfg)
-    dev0 = jax.devices()[0]
-    self.devices, self.device_kind, self.platform = jax.device_count(), dev0.device_kind, dev0.platform
+    devices = list(devices) if devices is not None else jax.devices()
+    self.devices, self.device_kind, self.platform = len(devices), devices[0].device_kind, devices[0].platform
     self.peak, self.peak_source = flops_lib.peak_flops_per_device(self.device_kind, cfg.metrics.peak_flops)
     self.warmup = max(1, int(cfg.metrics.warmup_steps))
     self.monitor = monitor or DeviceMonitor(interval_s=cfg.metrics.sample_interval_s, clock=clock)
@@ -255,9 +258,10 @@ class Efficiency:
         self.step_times.append(now - self._last_done)
         self._open_steps += 1
     self._last_done = now
+    if self.profiler.step_done(step):  # writing the trace is not the next step's time
+      self._last_done = self.clock()
     if k + 1 == self.warmup and self._open is None:  # the window opens as the first measured step runs
       self._open, self._open_steps = self.monitor.read(), 0
-    self.profiler.step_done(step)
 
   def pause(self) -> None:
     """Before work that is not a training step (eval): closes the window's current segment."""
@@ -272,7 +276,8 @@ class Efficiency:
       self._open, self._open_steps = self.monitor.read(), 0
 
   def interval_scalars(self, now: float | None = None) -> dict[str, float]:
-    """Scalars over the steps since the previous call (TensorBoard / progress line); the compile step excluded."""
+    """Scalars since the previous call (TensorBoard / progress line): step time (the compile step excluded),
+    tokens/s, MFU, and time-averaged memory (GB per device), utilisation (%) and total power (W)."""
     now = self.clock() if now is None else now
     out = {}
     if self._interval:
@@ -283,9 +288,10 @@ class Efficiency:
     rs = self.monitor.readings(self._interval_t0, now)
     for field, name, reduce, scale in (("mem_bytes", "memory_GB", _mean, GB), ("util", "util_pct", _mean, 1.0),
                                        ("power_W", "power_W_total", _sum_all, 1.0)):
-      vals = [[v for v in (r.values[field][k] for r in rs) if v is not None] for k in range(len(self.monitor.devices))]
-      per_dev = [float(np.mean(v)) if v else None for v in vals]
-      agg = reduce(per_dev)
+      per_dev = time_average(rs, field, [(self._interval_t0, now)])
+      if rs and all(v is None for v in per_dev):  # a single sample in the interval: take it as it is
+        per_dev = list(rs[-1].values[field])
+      agg = reduce(per_dev) if per_dev else None
       if agg is not None:
         out[name] = agg / scale
     self._interval, self._interval_t0 = [], now
