@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import jax
 import pytest
 
 from configs import base
@@ -39,6 +40,11 @@ def run_timeline(tmp_path, monkeypatch, cfg, **fake):
     clock.t = t
     return t
 
+  # what jax reports while compiling (jax.monitoring): the train step traced 1 s + compiled 4 s, eval 2 s
+  record = jax.monitoring.record_event_duration_secs
+  record("/jax/core/compile/jaxpr_trace_duration", 1.0, fun_name="train_step")
+  record("/jax/core/compile/backend_compile_duration", 4.0, fun_name="jit(train_step)")
+  record("/jax/core/compile/backend_compile_duration", 2.0, fun_name="jit(eval_step)")
   for step, t in enumerate([1.0, 2.0, 2.5, 3.0]):
     e.step_done(step, at(t))
   at(3.0)
@@ -63,6 +69,7 @@ def test_timings_throughput_and_mfu(tmp_path, monkeypatch):
   assert s["MFU"] == pytest.approx(s["flops_per_step"] / (al * 989.5e12 * 2))
   assert s["wall_s"] == 6.0 and s["gpu_hours"] == pytest.approx(6.0 / 3600 * 2)
   assert s["PPL"] == pytest.approx(math.exp(2.0)) and s["final_loss"] == 1.5
+  assert s["compile_s"] == 5.0 and s["compile_total_s"] == 7.0 and s["train_step_compiles"] == 1
 
 
 def test_energy_power_memory_utilisation(tmp_path, monkeypatch):
@@ -180,3 +187,44 @@ def test_config_mistakes_are_one_line_errors(key, value, message):
   c[section][name] = value
   with pytest.raises(config_lib.ConfigError, match="^" + message.replace("+", r"\+").replace(".", r"\.")):
     config_lib.validate(c)
+
+
+def test_acceptance_check_flags_implausible_numbers(tmp_path, monkeypatch):
+  from efficientllm_jax.metrics import check
+  good = run_timeline(tmp_path, monkeypatch, cfg_small())
+  # the scripted machine: counter and power disagree by -36 %, everything else is plausible
+  assert check.problems(good) == ["energy counter and power x time differ by -35.7% (tolerance 10%)"]
+  assert check.problems(good, energy_tolerance=0.4) == []
+  bad = dict(good, MFU=1.3, AEC_W_per_device=[800.0, 150.0], AMU_GB=90.0, PCU=None, PCU_null_reason="no NVML",
+             train_step_compiles=2)
+  found = check.problems(bad, energy_tolerance=0.4)
+  assert "PCU is null: no NVML" in found and "MFU=1.3000 is outside (0, 1)" in found
+  assert "device 0: AEC 800 W is not under its power limit 700 W" in found
+  assert "AMU_GB=90.00 exceeds the device memory 80.00 GB" in found
+  assert any("compiled 2 times" in p for p in found)
+  (tmp_path / "bad.json").write_text(json.dumps(bad))
+  assert check.main(["check", str(tmp_path / "bad.json")]) == 1
+
+
+def test_profiler_trace_writing_is_cut_out_of_the_window(tmp_path, monkeypatch):
+  clock = Clock(0.0)
+  install_fake_nvml(monkeypatch, clock)
+  devs = [FakeDevice(0, "A", clock)]
+  c = cfg_small(warmup_steps=1)
+  c.profile.update(start_step=1, num_steps=1)
+  e = eff_lib.Efficiency(c, COUNTS, workdir=tmp_path, clock=clock, devices=devs,
+                         monitor=DeviceMonitor(devs, interval_s=3600, clock=clock))
+  traces = []
+  monkeypatch.setattr(jax.profiler, "start_trace", lambda d: traces.append(("start", d)))
+  monkeypatch.setattr(jax.profiler, "stop_trace", lambda: (traces.append(("stop",)), setattr(clock, "t", 9.0)))
+  for step, t in enumerate([1.0, 2.0, 10.0]):  # stopping the trace after step 1 takes 2 -> 9
+    with e.annotate(step):
+      pass
+    clock.t = t
+    e.step_done(step, t)
+  s = e.finish(eval_loss=None, final_loss=None)
+  e.close()
+  assert traces == [("start", str(tmp_path / "tb")), ("stop",)]
+  assert e.step_times == [1.0, 1.0]  # step 2 timed from 9, not from 2
+  assert [(a.t, b.t) for a, b in e.segments] == [(1.0, 2.0), (9.0, 10.0)]
+  assert s["AEC_W_per_device"] == pytest.approx([300.0])

@@ -40,6 +40,7 @@ def test_tiny_run_profiles_and_summarises(tmp_path, capfd):
     elif key not in ("size", "attention", "position", "ffn", "device_kind"):
       assert isinstance(v, (int, float, list, dict)), (key, v)
   assert s["measured_steps"] == 3 and s["AL_s"] > 0 and s["tokens_per_s"] > 0 and s["compile_s"] > 0
+  assert s["train_step_compiles"] == 1  # inspect_compiled's executable is the one the loop runs
   assert s["PPL"] > 1 and s["status"] == "ok"
   assert s["compiled_memory_GB"]["temp_GB"] >= 0
 

@@ -29,7 +29,7 @@ summary.json schema (SUMMARY_KEYS; a metric that could not be measured is null a
   grad_accum, seq_len, tokens_per_step, devices, device_kind, compile_s, AL_s, tokens_per_s,
   tokens_per_s_per_device, TT, ST, AMU_GB, peak_memory_GB, PCU, MFU, AEC_W_per_device (list), AEC_W_total,
   J_per_token, PPL, eval_loss, final_loss, gpu_hours, wall_s
-plus: status, TT_params ("total"), TT_active/ST_active (MoE), AL_s_std, measured_steps, measured_window_s,
+plus: status ("ok" or "failed: <error>"), first_loss, train_step_compiles (1 unless something recompiled it), TT_params ("total"), TT_active/ST_active (MoE), AL_s_std, measured_steps, measured_window_s,
   warmup_steps_excluded, flops_per_step, peak_flops_per_device, peak_flops_source, compile_total_s,
   AMU_GB_per_device, peak_memory_GB_per_device, PCU_per_device, energy_J_total, AEC_W_per_device_from_power,
   AEC_W_total_from_power, energy_J_total_from_power, energy_counter_vs_power_rel_diff, power_limit_W_per_device,
@@ -120,6 +120,7 @@ class CompileTimer:
 
   def __init__(self):
     self.seconds: dict[str, float] = defaultdict(float)
+    self.backend_compiles: dict[str, int] = defaultdict(int)  # > 1 for train_step means it recompiled
     jax.monitoring.register_event_duration_secs_listener(self._listen)
 
   def _listen(self, event: str, duration_secs: float, **kwargs) -> None:
@@ -128,6 +129,8 @@ class CompileTimer:
       if name.startswith("jit(") and name.endswith(")"):
         name = name[4:-1]
       self.seconds[name] += float(duration_secs)
+      if event == COMPILE_EVENTS[-1]:
+        self.backend_compiles[name] += 1
 
   def close(self) -> None:
     try:
@@ -152,13 +155,14 @@ class Profiler:
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       yield
 
-  def step_done(self, step: int) -> bool:
-    """Called once `step`'s results have arrived, so the trace holds its device work; True if it stopped."""
-    if self.active and step >= self.start + self.num - 1:
+  def ends_at(self, step: int) -> bool:
+    return self.active and step >= self.start + self.num - 1
+
+  def step_done(self, step: int) -> None:
+    """Called once `step`'s results have arrived, so the trace holds its device work."""
+    if self.ends_at(step):
       self.stop()
       self.say(f"profile: steps {self.start}..{step} traced into {self.logdir} (TensorBoard > Profile)")
-      return True
-    return False
 
   def stop(self) -> None:
     if self.active:
@@ -258,8 +262,10 @@ class Efficiency:
         self.step_times.append(now - self._last_done)
         self._open_steps += 1
     self._last_done = now
-    if self.profiler.step_done(step):  # writing the trace is not the next step's time
-      self._last_done = self.clock()
+    if self.profiler.ends_at(step):  # writing the trace out is neither step time nor inside the window
+      self.pause()
+      self.profiler.step_done(step)
+      self.resume()
     if k + 1 == self.warmup and self._open is None:  # the window opens as the first measured step runs
       self._open, self._open_steps = self.monitor.read(), 0
 
@@ -298,14 +304,17 @@ class Efficiency:
     return out
 
   # ---- the summary -------------------------------------------------------------------------------------------
-  def finish(self, *, eval_loss: float | None, final_loss: float | None, status: str = "ok") -> dict:
-    """Closes the window, computes every metric, writes summary.json / TensorBoard / the console line."""
+  def finish(self, *, eval_loss: float | None, final_loss: float | None, first_loss: float | None = None,
+             status: str = "ok") -> dict:
+    """Closes the window, computes every metric, writes summary.json / TensorBoard / the console line.
+    Every process calls it (multi-host per-device lists are gathered), except on the failure path."""
     self.pause()
     end = self.monitor.read()
-    s = self._compute(end, eval_loss, final_loss)
+    s = self._compute(end, eval_loss, final_loss, collective=status == "ok")
+    s["first_loss"] = first_loss
     s["status"] = status
     self.summary = s
-    if self.workdir is not None:
+    if self.workdir is not None and jax.process_index() == 0:
       (self.workdir / "summary.json").write_text(json.dumps(s, indent=2))
     if self.writer is not None:
       flat = {k: v for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -314,8 +323,9 @@ class Efficiency:
       self._say(line)
     return s
 
-  def _compute(self, end: Reading, eval_loss, final_loss) -> dict:
+  def _compute(self, end: Reading, eval_loss, final_loss, collective: bool) -> dict:
     cfg, mon = self.cfg, self.monitor
+    gather = _gather if collective else list
     s: dict = {}
     put = _putter(s)
     wall_s = self.clock() - self.t0
@@ -328,6 +338,7 @@ class Efficiency:
     put("compile_s", ct.get("train_step"), "no jax.monitoring compile event for train_step (compiled before the "
         "listener was registered?)")
     put("compile_total_s", sum(ct.values()) if ct else None, "no jax.monitoring compile events")
+    s["train_step_compiles"] = self.compile.backend_compiles.get("train_step", 0)
 
     n = len(self.step_times)
     no_steps = (f"no measured steps: the run's first {self.warmup} step(s) are compile/warm-up "
@@ -356,19 +367,19 @@ class Efficiency:
     readings = mon.readings()
     ranges = [(a.t, b.t) for a, b in self.segments]
     no_window = no_steps if not n else "no samples inside the measured window"
-    amu = _gather(_scaled(time_average(readings, "mem_bytes", ranges), GB))
+    amu = gather(_scaled(time_average(readings, "mem_bytes", ranges), GB))
     put("AMU_GB", _mean(amu), mon.reasons["mem_bytes"] or no_window)
     put("AMU_GB_per_device", amu if _mean(amu) is not None else None, mon.reasons["mem_bytes"] or no_window)
-    peak = _gather(_scaled(list(end.values["peak_bytes"]), GB))
+    peak = gather(_scaled(list(end.values["peak_bytes"]), GB))
     put("peak_memory_GB", max((p for p in peak if p is not None), default=None), mon.reasons["peak_bytes"]
         or "device.memory_stats() has no peak_bytes_in_use")
     put("peak_memory_GB_per_device", peak if any(p is not None for p in peak) else None,
         mon.reasons["peak_bytes"] or "device.memory_stats() has no peak_bytes_in_use")
-    pcu = _gather(_scaled(time_average(readings, "util", ranges), 100.0))
+    pcu = gather(_scaled(time_average(readings, "util", ranges), 100.0))
     put("PCU", _mean(pcu), mon.reasons["util"] or no_window)
     put("PCU_per_device", pcu if _mean(pcu) is not None else None, mon.reasons["util"] or no_window)
 
-    self._energy(put, readings, ranges, n, no_window)
+    self._energy(put, readings, ranges, n, no_window, gather)
     put("eval_loss", eval_loss, "no evaluation ran")
     put("PPL", math.exp(min(eval_loss, 700.0)) if eval_loss is not None else None, "no evaluation ran")
     put("final_loss", final_loss, "no training step completed")
@@ -376,18 +387,18 @@ class Efficiency:
     s["device_hours"] = wall_s / 3600 * self.devices
     put("gpu_hours", s["device_hours"] if self.platform != "cpu" else None,
         f"devices are cpu, not accelerators (device_hours = {s['device_hours']:.3g})")
-    s["power_limit_W_per_device"] = _gather(mon.power_limit_W)
-    s["memory_total_GB_per_device"] = _gather(_scaled(mon.memory_total_bytes, GB))
+    s["power_limit_W_per_device"] = gather(mon.power_limit_W)
+    s["memory_total_GB_per_device"] = gather(_scaled(mon.memory_total_bytes, GB))
     s["nvml_match"] = mon.match
     put("compiled_memory_GB", self.compiled_memory, self.compiled_memory_reason)
     return s
 
-  def _energy(self, put, readings, ranges, n, no_window) -> None:
+  def _energy(self, put, readings, ranges, n, no_window, gather) -> None:
     mon = self.monitor
     window = sum(b - a for a, b in ranges)
-    energy = _gather(counter_delta(self.segments, "energy_J"))
-    power_int = _gather([area if span > 0 else None for area, span in integrate(readings, "power_W", ranges)])
-    power_avg = _gather(time_average(readings, "power_W", ranges))
+    energy = gather(counter_delta(self.segments, "energy_J"))
+    power_int = gather([area if span > 0 else None for area, span in integrate(readings, "power_W", ranges)])
+    power_avg = gather(time_average(readings, "power_W", ranges))
     counter_ok = bool(energy) and all(e is not None for e in energy) and window > 0
     power_ok = bool(power_avg) and all(p is not None for p in power_avg)
     why_counter = mon.reasons["energy_J"] or no_window

@@ -145,4 +145,4 @@ def _train(cfg, workdir, splits, writer, eff: Efficiency) -> dict:
     finish(*pending)
   run_eval(t.steps)
 
-  return eff.finish(eval_loss=evals[-1]["loss"], final_loss=history[-1])
+  return eff.finish(eval_loss=evals[-1]["loss"], final_loss=history[-1], first_loss=history[0])
