@@ -112,9 +112,17 @@ def test_a_failing_sample_does_not_stop_the_thread(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 def test_real_gpu_matches_and_reads():
+  from efficientllm_jax.metrics import flops
+  x = jax.device_put(jax.numpy.ones((1024, 1024)), jax.local_devices()[0]).block_until_ready()
   mon = DeviceMonitor(interval_s=3600)
-  r = mon.read()
+  first = mon.read()
+  time.sleep(1.0)
+  second = mon.read()
   mon.stop()
-  assert mon.reasons["mem_bytes"] is None and all(v and v > 0 for v in r.values["mem_bytes"])
-  assert mon.reasons["power_W"] is None and all(0 < p < 2000 for p in r.values["power_W"]), mon.reasons
-  assert len(mon.match) == len(jax.local_devices()), mon.match
+  assert mon.reasons["mem_bytes"] is None and first.values["mem_bytes"][0] >= x.nbytes
+  assert len(mon.match) == len(jax.local_devices()) and all("PCI bus" in m for m in mon.match), mon.match
+  assert mon.reasons["power_W"] is None and all(0 < p < 2000 for p in second.values["power_W"]), mon.reasons
+  assert mon.reasons["energy_J"] is None, mon.reasons
+  assert all(b >= a for a, b in zip(first.values["energy_J"], second.values["energy_J"]))
+  kind = jax.devices()[0].device_kind
+  assert flops.peak_flops_per_device(kind)[0], f"add {kind!r} to metrics/flops.py PEAK_FLOPS"
