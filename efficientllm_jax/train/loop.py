@@ -8,7 +8,6 @@ the loop only calls its hooks.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
