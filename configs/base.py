@@ -107,9 +107,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   t.eval_every = 100
   t.eval_batches = 4
 
-  c.metrics = ml_collections.ConfigDict()  # efficiency metrics (metrics/)
+  c.metrics = mt = ml_collections.ConfigDict()  # efficiency metrics (metrics/efficiency.py)
+  mt.sample_interval_s = 0.5  # device monitor period (memory, NVML power / utilisation / energy)
+  mt.warmup_steps = 2  # first steps left out of AL/TT/ST/MFU/AMU/PCU/AEC; the compile step is always left out
+  mt.peak_flops = 0.0  # bf16 dense FLOP/s per device for MFU; 0 = look up the device kind (metrics/flops.py)
 
-  c.profile = ml_collections.ConfigDict()  # jax.profiler hooks
+  c.profile = pr = ml_collections.ConfigDict()  # jax.profiler trace into workdir/tb (TensorBoard's profile tab)
+  pr.start_step = 5  # first traced step
+  pr.num_steps = 0  # steps traced; 0 = off
 
   c.checkpoint = ml_collections.ConfigDict()  # orbax checkpointing (train/checkpoint.py)
 

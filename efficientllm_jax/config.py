@@ -139,7 +139,27 @@ def validate_train(c) -> None:
       raise ConfigError(f"{key}={b} must be in [0, 1): Adam's moment decay (EfficientLLM: 0.9 / 0.95)")
 
 
-VALIDATORS = [validate_model, validate_attention, validate_position, validate_ffn, validate_data, validate_train]
+def validate_metrics(c) -> None:
+  interval = _non_negative(c, "metrics.sample_interval_s")
+  if interval <= 0:
+    raise ConfigError(f"metrics.sample_interval_s={interval} must be > 0: the device monitor samples every that many "
+                      "seconds (default 0.5)")
+  w = _get(c, "metrics.warmup_steps")
+  if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+    raise ConfigError(f"metrics.warmup_steps={w!r} must be an integer >= 0: steps left out of the timings "
+                      "(the compile step is always left out)")
+  _non_negative(c, "metrics.peak_flops")
+  start, num = _get(c, "profile.start_step"), _get(c, "profile.num_steps")
+  for key, v in (("profile.start_step", start), ("profile.num_steps", num)):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+      raise ConfigError(f"{key}={v!r} must be an integer >= 0: set --config.{key}=N")
+  if num and start + num > c.train.steps:
+    raise ConfigError(f"profile.start_step={start} + profile.num_steps={num} runs past train.steps={c.train.steps}: "
+                      f"trace fewer steps or start earlier (start_step <= {max(c.train.steps - num, 0)})")
+
+
+VALIDATORS = [validate_model, validate_attention, validate_position, validate_ffn, validate_data, validate_train,
+              validate_metrics]
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

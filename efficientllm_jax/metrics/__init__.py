@@ -1,1 +1,2 @@
-"""Metrics: writers now; flops, device monitor and efficiency aggregation attach here."""
+"""Metrics: flops (analytic, per variant), monitor (memory, NVML power / utilisation / energy), efficiency
+(the EfficientLLM metrics and summary.json), writers (tensorboardX, jsonl, console)."""

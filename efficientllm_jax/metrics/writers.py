@@ -19,11 +19,11 @@ def _num(v):
 
 class MetricWriter:
 
-  def __init__(self, workdir: Path, *, console=sys.stdout):
+  def __init__(self, workdir: Path, *, console=None):
     self.workdir = Path(workdir)
     self.tb = SummaryWriter(str(self.workdir / "tb"))
     self.jsonl = open(self.workdir / "metrics.jsonl", "a", buffering=1)
-    self.console = console
+    self.console = console  # None: whatever sys.stdout is when printing (not when this module was imported)
 
   def write(self, step: int, scalars: dict, *, prefix: str = "train") -> None:
     clean = {k: _num(v) for k, v in scalars.items()}
@@ -33,7 +33,7 @@ class MetricWriter:
     self.jsonl.write(json.dumps({"step": step, "split": prefix, **clean}) + "\n")
 
   def print(self, line: str) -> None:
-    print(line, file=self.console, flush=True)
+    print(line, file=self.console or sys.stdout, flush=True)
 
   def close(self) -> None:
     self.tb.close()

@@ -2,11 +2,12 @@
 
 Per-step wall times come from the moments step t-1's scalars arrive (the device is kept one step ahead);
 step 0 carries compilation and is reported apart as compile time. Non-finite loss stops the run with a message.
+Timing, device sampling, profiling and summary.json belong to metrics/efficiency.py's `Efficiency` (`eff`):
+the loop only calls its hooks.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -17,6 +18,7 @@ import numpy as np
 
 from efficientllm_jax import config as config_lib
 from efficientllm_jax.data import pipeline
+from efficientllm_jax.metrics.efficiency import Efficiency
 from efficientllm_jax.metrics.writers import MetricWriter, progress_line
 from efficientllm_jax.models.transformer import param_counts
 from efficientllm_jax.train import step as step_lib
@@ -91,56 +93,46 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False) -> 
                f"of {cfg.data.seq_len}; {tokens_per_step:,} tokens/step")
 
   try:
-    return _train(cfg, workdir, splits, writer, counts, tokens_per_step)
+    with Efficiency(cfg, counts, workdir=workdir, writer=writer) as eff:  # sampler, compile timer, profiler
+      return _train(cfg, workdir, splits, writer, eff)
   finally:
     writer.close()
 
 
-def _train(cfg, workdir, splits, writer, counts, tokens_per_step) -> dict:
+def _train(cfg, workdir, splits, writer, eff: Efficiency) -> dict:
   t = cfg.train
   graphdef, state, train_step, eval_step = step_lib.build(cfg)
   batches = pipeline.train_iterator(splits.train, cfg)
   held_out = pipeline.eval_batches(splits.eval, cfg)
 
-  step_times, history, evals = [], [], []
-  interval: list[float] = []
-  compile_s = None
-  t_start = time.perf_counter()
-  last_done = None
+  history, evals = [], []
   pending = None
 
   def finish(step: int, metrics) -> None:
     """Reads step `step`'s scalars (blocks until it is done) and logs at the interval."""
-    nonlocal last_done, compile_s
     m = flatten_scalars(jax.device_get(metrics))
-    now = time.perf_counter()
+    eff.step_done(step, time.perf_counter())
     _check_finite(step, m)
-    if last_done is None:
-      compile_s = now - t_start
-    else:
-      step_times.append(now - last_done)
-      interval.append(now - last_done)
-    last_done = now
     history.append(m["loss"])
     if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-      if interval:
-        m["step_time"] = float(np.mean(interval))
-        m["tokens_per_s"] = tokens_per_step / m["step_time"]
+      m.update(eff.interval_scalars())
       writer.write(step + 1, m)
       writer.print(progress_line(step + 1, t.steps, m))
-      interval.clear()
 
   def run_eval(step: int) -> None:
-    nonlocal last_done
+    eff.pause()  # eval time is not step time, nor in the energy / memory window
     e = evaluate(eval_step, state.params, held_out)
     evals.append({"step": step, **e})
     writer.write(step, e, prefix="eval")
     writer.print(f"eval @ {step}: loss {e['loss']:.4f} | ppl {e['ppl']:.2f}")
-    last_done = time.perf_counter()  # eval time is not step time
+    eff.resume(time.perf_counter())
 
   for i in range(t.steps):
     batch = next(batches)
-    state, metrics = train_step(state, batch)
+    if i == 0:
+      eff.inspect_compiled(train_step, state, batch)  # compiles here; logs XLA's memory_analysis once
+    with eff.annotate(i):
+      state, metrics = train_step(state, batch)
     if pending is not None:
       finish(*pending)
     pending = (i, metrics)
@@ -152,18 +144,4 @@ def _train(cfg, workdir, splits, writer, counts, tokens_per_step) -> dict:
     finish(*pending)
   run_eval(t.steps)
 
-  mean_step = float(np.mean(step_times)) if step_times else None
-  summary = {
-      "size": cfg.size, "attention": cfg.attention.kind, "position": cfg.position.kind, "ffn": cfg.ffn.kind,
-      "steps": t.steps, "params": counts, "tokens_per_step": tokens_per_step,
-      "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
-      "compile_s": compile_s, "step_time_s": mean_step,
-      "tokens_per_s": tokens_per_step / mean_step if mean_step else None,
-      "first_loss": history[0], "final_loss": history[-1],
-      "eval_loss": evals[-1]["loss"], "ppl": evals[-1]["ppl"],
-      "wall_s": time.perf_counter() - t_start,
-  }
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-  writer.print(f"done: {t.steps} steps | final loss {summary['final_loss']:.4f} | eval ppl {summary['ppl']:.2f} | "
-               + (f"{summary['tokens_per_s']:,.0f} tok/s | " if mean_step else "") + f"compile {compile_s:.1f}s")
-  return summary
+  return eff.finish(eval_loss=evals[-1]["loss"], final_loss=history[-1], first_loss=history[0])
