@@ -6,6 +6,8 @@ Every other config file starts from `get_config(size)` here and changes only its
 
 import ml_collections
 
+from efficientllm_jax.parallel import sharding
+
 # Qwen2.5 dimensions (PAPERS.md): hidden, layers, heads, kv heads, head dim, SwiGLU width, micro-batch.
 SIZES = {
     "tiny": dict(hidden=128, layers=2, heads=4, kv_heads=2, head_dim=32, ffn=384, micro_batch=8),
@@ -106,6 +108,16 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   t.log_every = 10
   t.eval_every = 100
   t.eval_batches = 4
+
+  # Parallelism (parallel/sharding.py): mesh axes data / fsdp / tensor / expert, -1 takes the remaining devices.
+  c.mesh = ms = ml_collections.ConfigDict()
+  ms.shape = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+  ms.distributed = "auto"  # auto | on | off: jax.distributed.initialize (parallel/distributed.py)
+  ms.coordinator_address = ""  # explicit multi-host setup when not auto-detected
+  ms.num_processes = 1
+  ms.process_id = 0
+  # Logical axis -> mesh axes (None = replicated); see parallel/sharding.DEFAULT_RULES for the meaning.
+  c.sharding_rules = [list(r) for r in sharding.DEFAULT_RULES]
 
   c.metrics = mt = ml_collections.ConfigDict()  # efficiency metrics (metrics/efficiency.py)
   mt.sample_interval_s = 0.5  # device monitor period (memory, NVML power / utilisation / energy)

@@ -158,8 +158,37 @@ def validate_metrics(c) -> None:
                       f"trace fewer steps or start earlier (start_step <= {max(c.train.steps - num, 0)})")
 
 
+def validate_mesh(c) -> None:
+  import jax  # noqa: PLC0415 - the device count is only known once the backend starts
+
+  from efficientllm_jax.parallel import sharding  # noqa: PLC0415
+
+  _one_of(c, "mesh.distributed", ("auto", "on", "off"))
+  for axis, size in c.mesh.shape.items():
+    if axis not in sharding.MESH_AXES:
+      raise ConfigError(f"mesh.shape.{axis} is not a mesh axis: use {', '.join(sharding.MESH_AXES)}")
+    if isinstance(size, bool) or not isinstance(size, int):
+      raise ConfigError(f"mesh.shape.{axis}={size!r} must be an integer (-1 = the remaining devices)")
+  try:
+    sharding.mesh_shape(dict(c.mesh.shape), jax.device_count())
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  known = {name for name, _ in c.sharding_rules}
+  for name, axes in c.sharding_rules:
+    for a in (axes,) if isinstance(axes, str) else (axes or ()):
+      if a not in sharding.MESH_AXES:
+        raise ConfigError(f"sharding_rules maps {name!r} to unknown mesh axis {a!r}: use {', '.join(sharding.MESH_AXES)}")
+  missing = {"batch", "embed", "vocab", "heads", "kv_heads", "mlp"} - known
+  if missing:
+    raise ConfigError(f"sharding_rules has no rule for {', '.join(sorted(missing))}: add (name, axes or None)")
+  dp = sharding.data_parallel_size(c)
+  if c.train.micro_batch % dp:
+    raise ConfigError(f"train.micro_batch={c.train.micro_batch} is not divisible by the {dp} data-parallel devices "
+                      f"(mesh {dict(c.mesh.shape)}): use a multiple of {dp} or change mesh.shape")
+
+
 VALIDATORS = [validate_model, validate_attention, validate_position, validate_ffn, validate_data, validate_train,
-              validate_metrics]
+              validate_metrics, validate_mesh]
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

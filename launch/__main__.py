@@ -7,6 +7,7 @@ from ml_collections import config_flags
 
 from efficientllm_jax import config as config_lib
 from efficientllm_jax.data.pipeline import DataError
+from efficientllm_jax.parallel import distributed
 from efficientllm_jax.train.loop import TrainingDiverged, WorkdirError, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py:tiny", "Config file[:preset].",
@@ -23,6 +24,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
   try:
+    distributed.initialize(_CONFIG.value)  # before anything touches a device
     train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
   except USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)

@@ -30,6 +30,8 @@ BAD = [
     ({"data.tokenizer": "bpe", "data.bpe_vocab_size": 9000}, r"data.bpe_vocab_size=9000 exceeds model.vocab_size=512"),
     ({"position.rope_fraction": 0.28}, r"position.rope_fraction=0.28 rotates 9 of model.head_dim=32 dims"),
     ({"model.rms_eps": 0.0}, r"model.rms_eps=0 divides by zero"),
+    ({"mesh.shape.data": 2}, r"mesh.shape .* needs 2 devices but 1 are present"),
+    ({"mesh.distributed": "maybe"}, r"mesh.distributed='maybe' is not known: use one of auto, on, off"),
 ]
 
 

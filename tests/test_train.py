@@ -31,7 +31,8 @@ def test_gradient_accumulation_equals_one_big_batch():
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
   results = []
   for cfg, shape in ((big, (1, 4, 64)), (acc, (2, 2, 64))):
-    _, state, train_step, _ = step_lib.build(cfg)
+    built = step_lib.build(cfg)
+    state, train_step = built.state, built.train_step
     new, metrics = train_step(state, {k: v.reshape(shape) for k, v in batch.items()})
     results.append((jax.device_get(new.params), float(metrics["loss"])))
   (p_big, l_big), (p_acc, l_acc) = results

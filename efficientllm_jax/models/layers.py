@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficientllm_jax.parallel.sharding import shard
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -73,4 +75,5 @@ class SwiGLU(nnx.Module):
     self.down = dense(f, d, ("mlp", "embed"), cfg=cfg, rngs=rngs)
 
   def __call__(self, x_btd):
-    return self.down(jax.nn.silu(self.gate(x_btd)) * self.up(x_btd)), {}
+    h_btf = shard(jax.nn.silu(self.gate(x_btd)) * self.up(x_btd), ("batch", "length", "act_mlp"))
+    return self.down(h_btf), {}

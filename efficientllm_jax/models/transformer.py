@@ -15,6 +15,9 @@ from flax import nnx
 from efficientllm_jax.models.attention import make_attention
 from efficientllm_jax.models.layers import Embed, RMSNorm, SwiGLU, dtype
 from efficientllm_jax.models.positional import PositionContext, make_position
+from efficientllm_jax.parallel.sharding import shard
+
+ACT_BTD = ("batch", "length", "act_embed")
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -39,9 +42,9 @@ class Block(nnx.Module):
     self.ffn = make_ffn(cfg, rngs=rngs)
 
   def __call__(self, x_btd, ctx: PositionContext):
-    x_btd = x_btd + self.attn(self.attn_norm(x_btd), ctx)
+    x_btd = shard(x_btd + self.attn(self.attn_norm(x_btd), ctx), ACT_BTD)
     y_btd, aux = self.ffn(self.ffn_norm(x_btd))
-    return x_btd + y_btd, aux
+    return shard(x_btd + y_btd, ACT_BTD), aux
 
 
 class Transformer(nnx.Module):
@@ -74,7 +77,7 @@ class Transformer(nnx.Module):
     """Final-norm hidden states [B, T, D] and aux (per-layer mean of each FFN aux scalar)."""
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
-    x_btd = self.position.embed(self.embed(tokens_bt), positions_bt)
+    x_btd = shard(self.position.embed(self.embed(tokens_bt), positions_bt), ACT_BTD)
     ctx = self.position.context(positions_bt)
     run = self._block_fn()
     if self.scan_layers:

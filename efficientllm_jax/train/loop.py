@@ -101,7 +101,8 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False) -> 
 
 def _train(cfg, workdir, splits, writer, eff: Efficiency) -> dict:
   t = cfg.train
-  graphdef, state, train_step, eval_step = step_lib.build(cfg)
+  built = step_lib.build(cfg)
+  state, train_step, eval_step = built.state, built.train_step, built.eval_step
   batches = pipeline.train_iterator(splits.train, cfg)
   held_out = pipeline.eval_batches(splits.eval, cfg)
 

@@ -2,12 +2,14 @@
 
 The model is split once into a static graphdef and a Param pytree; steps merge them inside jit, so the loop
 handles only arrays. Batches are {"inputs", "targets"} int32 [grad_accum, micro_batch, T]; gradient
-accumulation scans over the leading axis.
+accumulation scans over the leading axis. Everything is compiled for a mesh (one device is a 1x1x1x1 mesh):
+the state is created sharded by the logical-axis rules (never whole on one device), steps take and return
+it with those shardings and donate the old state.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ import optax
 from flax import nnx, struct
 
 from efficientllm_jax.models.transformer import Transformer
+from efficientllm_jax.parallel import sharding as sh
 from efficientllm_jax.train.loss import cross_entropy
 from efficientllm_jax.train.optimizer import make_optimizer, schedule
 
@@ -26,17 +29,31 @@ class TrainState:
   opt_state: Any
 
 
-def init_state(cfg, tx: optax.GradientTransformation):
-  """(graphdef, TrainState) with parameters created on device inside one jit (no host copy)."""
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+def state_shardings(cfg, tx, mesh):
+  """(graphdef, TrainState of NamedShardings) from abstract init: nothing is allocated."""
+  abstract_model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+  rules = sh.rules_of(cfg)
+  params_sh = sh.param_shardings(abstract_params, mesh, rules)
+  params_sh = jax.tree.map(lambda v: v.value if isinstance(v, nnx.Variable) else v, params_sh,
+                           is_leaf=lambda x: isinstance(x, nnx.Variable))
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_sh = sh.like_params(abstract_opt, jax.tree.structure(abstract_params), params_sh, mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return graphdef, TrainState(step=replicated, params=params_sh, opt_state=opt_sh)
 
-  @jax.jit
-  def init(seed):
-    model = Transformer(cfg, rngs=nnx.Rngs(seed))
+
+def init_state(cfg, tx: optax.GradientTransformation, mesh):
+  """(graphdef, TrainState, shardings): parameters created sharded inside one jit (no host copy)."""
+  graphdef, shardings = state_shardings(cfg, tx, mesh)
+
+  def init(key):
+    model = Transformer(cfg, rngs=nnx.Rngs(key))
     params = nnx.state(model, nnx.Param)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  return graphdef, init(jax.random.key(cfg.train.seed))
+  state = jax.jit(init, out_shardings=shardings)(jax.random.key(cfg.train.seed))
+  return graphdef, state, shardings
 
 
 def loss_fn(params, graphdef, batch, cfg):
@@ -49,7 +66,23 @@ def loss_fn(params, graphdef, batch, cfg):
   return total, {"loss": ce, **aux}
 
 
-def make_train_step(cfg, graphdef, tx):
+def _in_mesh(fn, cfg, mesh):
+  """Trace `fn` with activation constraints on `mesh`."""
+  rules = sh.rules_of(cfg)
+
+  def wrapped(*args):
+    with sh.activation_sharding(mesh, rules):
+      return fn(*args)
+
+  return wrapped
+
+
+def batch_sharding(cfg, mesh):
+  shape = (cfg.train.grad_accum, cfg.train.micro_batch, cfg.data.seq_len)
+  return sh.batch_sharding(mesh, sh.rules_of(cfg), shape)
+
+
+def make_train_step(cfg, graphdef, tx, mesh, shardings):
   lr_fn = schedule(cfg)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -72,20 +105,36 @@ def make_train_step(cfg, graphdef, tx):
     metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=lr_fn(state.step))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  return jax.jit(train_step, donate_argnums=0)
+  batch_sh = batch_sharding(cfg, mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(_in_mesh(train_step, cfg, mesh), in_shardings=(shardings, {"inputs": batch_sh, "targets": batch_sh}),
+                 out_shardings=(shardings, replicated), donate_argnums=0)
 
 
-def make_eval_step(cfg, graphdef):
+def make_eval_step(cfg, graphdef, mesh, shardings):
   def eval_step(params, batch):
     model = nnx.merge(graphdef, params)
     h_btd, _ = model.hidden(batch["inputs"])
     return cross_entropy(h_btd, model.embed.embedding[...], batch["targets"], chunk=cfg.train.loss_chunk)
 
-  return jax.jit(eval_step)
+  micro_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*batch_sharding(cfg, mesh).spec[1:]))
+  return jax.jit(_in_mesh(eval_step, cfg, mesh), in_shardings=(shardings.params, {"inputs": micro_sh,
+                                                                                "targets": micro_sh}))
 
 
-def build(cfg):
-  """(graphdef, state, train_step, eval_step) for a validated config."""
+class Built(NamedTuple):
+  graphdef: Any
+  state: TrainState
+  train_step: Any
+  eval_step: Any
+  mesh: jax.sharding.Mesh
+  shardings: TrainState  # NamedShardings of the state (for checkpoint restore)
+
+
+def build(cfg, mesh=None) -> Built:
+  """Everything a run needs for a validated config, on `mesh` (default: from config.mesh over all devices)."""
+  mesh = mesh if mesh is not None else sh.make_mesh(cfg)
   tx = make_optimizer(cfg)
-  graphdef, state = init_state(cfg, tx)
-  return graphdef, state, make_train_step(cfg, graphdef, tx), make_eval_step(cfg, graphdef)
+  graphdef, state, shardings = init_state(cfg, tx, mesh)
+  return Built(graphdef, state, make_train_step(cfg, graphdef, tx, mesh, shardings),
+               make_eval_step(cfg, graphdef, mesh, shardings), mesh, shardings)

@@ -7,6 +7,7 @@ from flax import nnx
 from efficientllm_jax.models.attention import ops
 from efficientllm_jax.models.layers import dense
 from efficientllm_jax.models.positional import PositionContext, rotate
+from efficientllm_jax.parallel.sharding import shard
 
 
 class GQAAttention(nnx.Module):
@@ -23,8 +24,8 @@ class GQAAttention(nnx.Module):
     self.window = int(cfg.attention.window)
 
   def __call__(self, x_btd, ctx: PositionContext):
-    q_bthd = rotate(self.q(x_btd), ctx)
-    k_bshd = rotate(self.k(x_btd), ctx)
-    v_bshd = self.v(x_btd)
+    q_bthd = shard(rotate(self.q(x_btd), ctx), ("batch", "length", "act_heads", None))
+    k_bshd = shard(rotate(self.k(x_btd), ctx), ("batch", "length", "act_kv_heads", None))
+    v_bshd = shard(self.v(x_btd), ("batch", "length", "act_kv_heads", None))
     out_bthd = ops.attention(q_bthd, k_bshd, v_bshd, impl=self.impl, bias=ctx.bias, window=self.window)
     return self.o(out_bthd)

@@ -1,0 +1,69 @@
+"""Sharded training on 8 simulated CPU devices equals the single-device run; parameters follow the rules."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from efficientllm_jax.parallel import sharding as sh
+from tests.conftest import ROOT, tiny_config
+
+
+def _run_meshes(names, overrides=None):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-m", "tests.multidevice_check", ",".join(names), json.dumps(overrides or {})],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def dense_runs():
+  return _run_meshes(["single", "dp8", "fsdp8", "dp2_fsdp2_tp2"])
+
+
+@pytest.mark.parametrize("mesh", ["dp8", "fsdp8", "dp2_fsdp2_tp2"])
+def test_loss_after_3_steps_equals_single_device(dense_runs, mesh):
+  np.testing.assert_allclose(dense_runs[mesh]["losses"], dense_runs["single"]["losses"], rtol=2e-5)
+  assert dense_runs[mesh]["devices"] == 8
+
+
+def test_parameters_carry_the_rule_shardings(dense_runs):
+  specs = dense_runs["dp2_fsdp2_tp2"]["specs"]
+  q = next(v for k, v in specs.items() if "attn" in k and "'q'" in k and "kernel" in k)
+  down = next(v for k, v in specs.items() if "'down'" in k and "kernel" in k)
+  emb = next(v for k, v in specs.items() if "embedding" in k)
+  assert q == [None, "fsdp", "tensor", None]  # [layers, embed, heads, head_dim]
+  assert down == [None, "tensor", "fsdp"]  # [layers, mlp, embed]
+  assert emb == ["tensor", "fsdp"]  # [vocab, embed]
+  fsdp = dense_runs["fsdp8"]["specs"]
+  assert next(v for k, v in fsdp.items() if "'down'" in k and "kernel" in k) == [None, None, "fsdp"]
+  assert all(all(a is None for a in v) for v in dense_runs["dp8"]["specs"].values())  # dp: replicated
+
+
+class _Mesh:
+  shape = {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
+
+
+def test_indivisible_dimension_is_replicated_not_an_error():
+  rules = dict(sh.DEFAULT_RULES)
+  # MQA: one K/V head cannot be split over tensor=2, so that dimension stays whole.
+  assert sh.logical_to_spec(("embed", "kv_heads", "head_dim"), (128, 1, 32), _Mesh, rules) == sh.P("fsdp", None, None)
+  assert sh.logical_to_spec(("embed", "heads", "head_dim"), (128, 4, 32), _Mesh, rules) == sh.P("fsdp", "tensor", None)
+
+
+@pytest.mark.parametrize("shape,message", [
+    ({"data": -1, "fsdp": -1}, "at most one axis may be -1"),
+    ({"data": 3}, "needs 3 devices but 8 are present"),
+    ({"data": -1, "fsdp": 3}, "does not divide the 8 devices"),
+])
+def test_bad_mesh_shapes_name_the_fix(shape, message):
+  with pytest.raises(ValueError, match=message):
+    sh.mesh_shape(shape, 8)
+
+
+def test_mesh_fills_the_free_axis():
+  assert sh.mesh_shape({"data": -1, "tensor": 2}, 8) == (4, 1, 2, 1)
