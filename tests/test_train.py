@@ -18,7 +18,7 @@ def test_short_tiny_run_lowers_loss(tmp_path):
   evals = [h["loss"] for h in hist if h["split"] == "eval"]
   assert train[-1] < train[0] - 0.5
   assert evals[-1] < evals[0]
-  assert s["ppl"] == pytest.approx(np.exp(s["eval_loss"]))
+  assert s["PPL"] == pytest.approx(np.exp(s["eval_loss"]))
   assert s["first_loss"] > s["final_loss"]
   assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "run" / "tb").iterdir())
 
