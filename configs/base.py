@@ -63,9 +63,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   a.nsa.window = 32 if tiny else 128  # w
 
   c.position = p = ml_collections.ConfigDict()
-  p.kind = "rope"  # rope | none (more kinds: models/positional.py)
+  p.kind = "rope"  # rope | sinusoidal | learned | relative | alibi | none (models/positional.py)
   p.rope_theta = 1e6
   p.rope_fraction = 1.0  # fraction of head_dim that is rotated (partial rotary)
+  p.max_len = 128 if tiny else 8192  # learned: rows of the table, must be >= data.seq_len
+  p.num_buckets = 32  # relative (T5): log-spaced causal distance buckets
+  p.max_distance = 128  # relative (T5): distances beyond this share the last bucket
 
   c.ffn = f = ml_collections.ConfigDict()
   f.kind = "dense"  # dense (SwiGLU) | moe

@@ -12,7 +12,8 @@ import ml_collections
 
 ATTENTION_KINDS = ("mha", "gqa", "mqa")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
-POSITION_KINDS = ("rope", "none")
+POSITION_KINDS = ("rope", "sinusoidal", "learned", "relative", "alibi", "none")
+BIAS_POSITION_KINDS = ("relative", "alibi")  # logit-bias schemes (ctx.bias)
 FFN_KINDS = ("dense",)
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -187,8 +188,34 @@ def validate_mesh(c) -> None:
                       f"(mesh {dict(c.mesh.shape)}): use a multiple of {dp} or change mesh.shape")
 
 
+def validate_position_kinds(c) -> None:
+  """Keys of the non-RoPE schemes and combinations that make no sense (after validate_position/_data)."""
+  kind = c.position.kind
+  if kind == "learned":
+    n, t = _positive_int(c, "position.max_len"), c.data.seq_len
+    if t > n:
+      raise ConfigError(f"position.max_len={n} is shorter than data.seq_len={t}: the learned table has one row per "
+                        f"position, so set --config.position.max_len={t} (or more) or a shorter data.seq_len")
+  if kind == "sinusoidal" and c.model.hidden % 2:
+    raise ConfigError(f"position.kind='sinusoidal' pairs sin/cos over model.hidden={c.model.hidden} dims: "
+                      "use an even model.hidden")
+  if kind == "relative":
+    nb, md = _positive_int(c, "position.num_buckets"), _positive_int(c, "position.max_distance")
+    if nb < 2:
+      raise ConfigError(f"position.num_buckets={nb} leaves no log-spaced buckets: use at least 2 (T5: 32)")
+    if md <= nb // 2:
+      raise ConfigError(f"position.max_distance={md} must exceed position.num_buckets/2={nb // 2} (the exact "
+                        f"buckets): raise it (T5: 128) or lower position.num_buckets")
+  if kind in BIAS_POSITION_KINDS and c.attention.impl == "cudnn":
+    raise ConfigError(f"position.kind={kind!r} adds a logit bias that the cuDNN path cannot take without a dense "
+                      "[B,H,T,T] tensor: use --config.attention.impl=auto (falls back to xla) or xla")
+  if c.attention.kind == "mla" and kind != "rope":
+    raise ConfigError(f"attention.kind='mla' carries its own decoupled RoPE key (attention.mla.qk_rope_head_dim), "
+                      f"so position.kind={kind!r} would mix two schemes: use position.kind=rope with MLA")
+
+
 VALIDATORS = [validate_model, validate_attention, validate_position, validate_ffn, validate_data, validate_train,
-              validate_metrics, validate_mesh]
+              validate_position_kinds, validate_metrics, validate_mesh]
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
