@@ -81,7 +81,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   mo.capacity_factor = 0.0  # <= 0: dropless (sorted + ragged_dot); > 0: capacity-based, drops counted
   mo.aux_loss_coef = 0.01  # Switch load-balancing loss
   mo.z_loss_coef = 0.0  # router z-loss
-  mo.num_shared_experts = 0
+  mo.num_shared_experts = 0  # always-on experts beside the routed ones (DeepSeek / Qwen2-MoE)
+  mo.shared_expert_dim = 0  # width of each shared expert; 0 = moe.expert_dim
+  mo.shared_expert_gate = False  # Qwen2-MoE's per-token sigmoid gate on the shared output
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "embedded"  # embedded: the running Python's standard-library sources

@@ -6,6 +6,7 @@ Each message names the offending key, its value, and the fix, on one line.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import ml_collections
@@ -14,7 +15,7 @@ ATTENTION_KINDS = ("mha", "gqa", "mqa")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 POSITION_KINDS = ("rope", "sinusoidal", "learned", "relative", "alibi", "none")
 BIAS_POSITION_KINDS = ("relative", "alibi")  # logit-bias schemes (ctx.bias)
-FFN_KINDS = ("dense",)
+FFN_KINDS = ("dense", "moe")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 TOKENIZERS = ("bpe", "bytes")
@@ -216,6 +217,38 @@ def validate_position_kinds(c) -> None:
 
 VALIDATORS = [validate_model, validate_attention, validate_position, validate_ffn, validate_data, validate_train,
               validate_position_kinds, validate_metrics, validate_mesh]
+
+
+def validate_moe(c) -> None:
+  """moe.* keys, checked only when ffn.kind == 'moe' (dense configs may carry any moe section)."""
+  if _get(c, "ffn.kind") != "moe":
+    return
+  e = _positive_int(c, "moe.num_experts")
+  k = _positive_int(c, "moe.top_k")
+  if k > e:
+    raise ConfigError(f"moe.top_k={k} exceeds moe.num_experts={e}: each token picks top_k distinct experts, "
+                      f"so set --config.moe.top_k to at most {e}")
+  _positive_int(c, "moe.expert_dim")
+  for key in ("moe.renormalize", "moe.shared_expert_gate"):
+    if not isinstance(_get(c, key), bool):
+      raise ConfigError(f"{key}={_get(c, key)!r} must be a bool: set --config.{key}=True or --config.{key}=False")
+  if k == 1 and c.moe.renormalize:
+    raise ConfigError("moe.renormalize=True with moe.top_k=1 makes every gate weight 1, so the router learns only "
+                      "from the aux loss: set --config.moe.renormalize=False (Switch) or moe.top_k >= 2")
+  cf = _get(c, "moe.capacity_factor")
+  if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not math.isfinite(cf):
+    raise ConfigError(f"moe.capacity_factor={cf!r} must be a number: <= 0 for dropless, > 0 for capacity-based")
+  for key in ("moe.aux_loss_coef", "moe.z_loss_coef", "moe.num_shared_experts", "moe.shared_expert_dim"):
+    _non_negative(c, key)
+  for key in ("moe.num_shared_experts", "moe.shared_expert_dim"):
+    if not isinstance(_get(c, key), int):
+      raise ConfigError(f"{key}={_get(c, key)!r} must be a whole number: set --config.{key}=N with N >= 0")
+  if c.moe.shared_expert_gate and not c.moe.num_shared_experts:
+    raise ConfigError("moe.shared_expert_gate=True gates a shared expert, but moe.num_shared_experts=0: "
+                      "set --config.moe.num_shared_experts=1 or turn the gate off")
+
+
+VALIDATORS.append(validate_moe)
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -14,6 +14,7 @@ from flax import nnx
 
 from efficientllm_jax.models.attention import make_attention
 from efficientllm_jax.models.layers import Embed, RMSNorm, SwiGLU, dtype
+from efficientllm_jax.models.moe import MoE
 from efficientllm_jax.models.positional import PositionContext, make_position
 from efficientllm_jax.parallel.sharding import shard
 
@@ -28,6 +29,8 @@ REMAT_POLICIES = {
 def make_ffn(cfg, *, rngs: nnx.Rngs) -> nnx.Module:
   if cfg.ffn.kind == "dense":
     return SwiGLU(cfg, rngs=rngs)
+  if cfg.ffn.kind == "moe":
+    return MoE(cfg, rngs=rngs)
   raise ValueError(f"ffn.kind={cfg.ffn.kind!r} has no module")
 
 
@@ -107,8 +110,15 @@ def abstract_model(cfg) -> Transformer:
 
 
 def param_counts(cfg) -> dict[str, int]:
-  """Total, embedding and non-embedding parameter counts (the tied head is the embedding, counted once)."""
+  """Total, embedding and non-embedding parameter counts (the tied head is the embedding, counted once), and
+  active: the parameters one token uses, i.e. all but the routed experts it skips (top_k of num_experts run;
+  router and shared experts count in full). Dense models: active == total."""
   model = abstract_model(cfg)
-  total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  params = nnx.state(model, nnx.Param)
+  total = sum(x.size for x in jax.tree.leaves(params))
   embedding = int(model.embed.embedding.size)
-  return {"total": int(total), "embedding": embedding, "non_embedding": int(total) - embedding}
+  routed = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
+               if any(getattr(k, "key", None) == "experts" for k in path))
+  skipped = routed * (cfg.moe.num_experts - cfg.moe.top_k) // cfg.moe.num_experts if routed else 0
+  return {"total": int(total), "embedding": embedding, "non_embedding": int(total) - embedding,
+          "active": int(total - skipped)}

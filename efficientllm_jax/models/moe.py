@@ -1,0 +1,275 @@
+"""Mixture of Experts FFN: fp32 top-k router, SwiGLU experts, Switch load-balancing and z losses.
+
+One MoE layer is four stages, each its own function so that they can be swapped one at a time:
+
+  route     x -> fp32 logits -> softmax -> top-k experts and (optionally renormalised) weights
+  dispatch  token rows -> rows grouped by expert        (dropless: sort; capacity: fixed [E, C] slots)
+  experts   grouped rows -> expert outputs              (only stage that touches expert weights)
+  combine   expert outputs -> tokens, weighted sum over each token's k experts
+
+`moe.capacity_factor <= 0` is dropless: the N*k token assignments are sorted by expert and the experts run as a
+grouped matmul (`jax.lax.ragged_dot`) over the sorted rows, then unsorted and combined. `> 0` is capacity-based:
+each expert keeps at most C = ceil(cf * N * k / E) assignments (every token's first choice before any second
+choice, then token order, as GShard), runs as one batched matmul over an [E, C, D] buffer, and the overflow
+contributes zero; the dropped fraction is reported.
+
+Expert parallelism later: the experts' weights are stacked [E, ...] with logical axis `expert` first, and the
+expert stage sees only (rows grouped by expert, group sizes). An expert-parallel version (shard_map over an
+`expert` mesh axis) replaces dispatch/combine with an all_to_all that sends each group of rows to the device
+owning that expert (and back), leaving route, the expert compute and the losses unchanged.
+
+Aux outputs (the FFN contract of models/transformer.py: `_loss` keys join the training loss, the rest is
+logged, everything is averaged over layers by the transformer):
+  moe_aux_loss        aux_loss_coef * E * sum_e f_e * P_e (Switch), f_e = fraction of the N*k assignments routed
+                      to e (before capacity drops), P_e = mean router probability of e; 1.0 * coef when balanced
+  moe_z_loss          z_loss_coef * mean_tokens(logsumexp(logits)^2) (ST-MoE router z-loss)
+  moe_balance         E * sum_e f_e * P_e unweighted (1.0 = perfectly balanced)
+  moe_router_z        mean logsumexp(logits)^2 unweighted
+  moe_router_entropy  mean per-token entropy of the router softmax (nats; log E = uniform)
+  moe_load            [E] f_e, fraction of routed assignments per expert (logged as moe_load_0 ...)
+  moe_dropped_frac    fraction of the N*k assignments dropped by capacity (0 when dropless)
+Both `_loss` entries are emitted multiplied by model.num_layers, so the transformer's layer mean yields their
+SUM over layers: Switch, ST-MoE and Megatron-Core (the EfficientLLM scripts) add every MoE layer's loss with the
+full coefficient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efficientllm_jax.models.layers import SwiGLU, dense, dtype, normal_init
+
+F32 = jnp.float32
+
+
+class Routing(NamedTuple):
+  logits_ne: jax.Array  # fp32 router logits
+  probs_ne: jax.Array  # fp32 softmax over all experts
+  weights_nk: jax.Array  # fp32 combine weights of the chosen experts
+  experts_nk: jax.Array  # int32 chosen expert ids, best first
+
+
+def route(logits_ne, top_k: int, renormalize: bool) -> Routing:
+  """Softmax over all experts, top-k; renormalised weights sum to 1 per token (Mixtral), raw ones do not."""
+  logits_ne = logits_ne.astype(F32)
+  probs_ne = jax.nn.softmax(logits_ne, axis=-1)
+  weights_nk, experts_nk = jax.lax.top_k(probs_ne, top_k)
+  if renormalize:
+    weights_nk = weights_nk / jnp.sum(weights_nk, axis=-1, keepdims=True)
+  return Routing(logits_ne, probs_ne, weights_nk, experts_nk.astype(jnp.int32))
+
+
+def expert_load(experts_nk, num_experts: int):
+  """[E] fraction of the N*k routed assignments that chose each expert (sums to 1)."""
+  counts = jnp.bincount(experts_nk.reshape(-1), length=num_experts)
+  return counts.astype(F32) / experts_nk.size
+
+
+def balance_loss(probs_ne, experts_nk):
+  """Switch load-balancing term E * sum_e f_e * P_e (unweighted); f carries no gradient, P does."""
+  num_experts = probs_ne.shape[-1]
+  f_e = jax.lax.stop_gradient(expert_load(experts_nk, num_experts))
+  p_e = jnp.mean(probs_ne, axis=0)
+  return num_experts * jnp.sum(f_e * p_e)
+
+
+def router_z(logits_ne):
+  """ST-MoE z term: mean over tokens of logsumexp(logits)^2 (unweighted)."""
+  return jnp.mean(jnp.square(jax.nn.logsumexp(logits_ne, axis=-1)))
+
+
+def router_entropy(logits_ne):
+  logp_ne = jax.nn.log_softmax(logits_ne, axis=-1)
+  return jnp.mean(-jnp.sum(jnp.exp(logp_ne) * logp_ne, axis=-1))
+
+
+# ----- dropless dispatch: sort assignments by expert, grouped matmul, unsort -----
+
+class SortedPlan(NamedTuple):
+  inverse_m: jax.Array  # position of assignment m = (token, choice) in the expert-sorted rows
+  group_sizes_e: jax.Array  # int32 rows per expert, in expert order
+
+
+def dispatch_sorted(x_nd, experts_nk, num_experts: int):
+  """Rows [N*k, D] sorted by expert (stable: token order inside a group) and the plan to undo it."""
+  n, k = experts_nk.shape
+  flat_m = experts_nk.reshape(-1)
+  order_m = jnp.argsort(flat_m, stable=True)
+  x_md = jnp.take(x_nd, order_m // k, axis=0)
+  inverse_m = jnp.zeros_like(order_m).at[order_m].set(jnp.arange(n * k, dtype=order_m.dtype), unique_indices=True)
+  group_sizes_e = jnp.bincount(flat_m, length=num_experts).astype(jnp.int32)
+  return x_md, SortedPlan(inverse_m, group_sizes_e)
+
+
+def combine_sorted(y_md, weights_nk, plan: SortedPlan):
+  """Unsorts expert outputs and returns sum_k w_nk * y_nkd in the rows' dtype (sum in fp32)."""
+  n, k = weights_nk.shape
+  y_nkd = jnp.take(y_md, plan.inverse_m, axis=0).reshape(n, k, -1)
+  return jnp.einsum("nkd,nk->nd", y_nkd.astype(F32), weights_nk).astype(y_md.dtype)
+
+
+# ----- capacity dispatch: fixed [E, C] slots, overflow dropped -----
+
+class CapacityPlan(NamedTuple):
+  slot_nk: jax.Array  # flat slot e * C + position of each assignment; >= E * C (out of range) when dropped
+  keep_nk: jax.Array  # bool, assignment kept
+
+
+def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:
+  """ceil(factor * N * k / E), capped at N (an expert sees each token at most once)."""
+  return max(1, min(num_tokens, math.ceil(factor * num_tokens * top_k / num_experts)))
+
+
+def dispatch_capacity(x_nd, experts_nk, num_experts: int, cap: int):
+  """Buffer [E, C, D] of kept rows (zeros in empty slots), the plan, and the number of dropped assignments.
+
+  Priority inside an expert: all first choices (in token order), then all second choices, ... (GShard).
+  """
+  n, k = experts_nk.shape
+  e_j = experts_nk.T.reshape(-1)  # j = choice * N + token
+  onehot_je = jax.nn.one_hot(e_j, num_experts, dtype=jnp.int32)
+  pos_j = jnp.sum((jnp.cumsum(onehot_je, axis=0) - 1) * onehot_je, axis=-1)
+  keep_j = pos_j < cap
+  # Dropped assignments get distinct out-of-range slots: the scatter skips them and indices stay unique.
+  slot_j = jnp.where(keep_j, e_j * cap + pos_j, num_experts * cap + jnp.arange(n * k))
+  tok_j = jnp.arange(n * k) % n
+  buf = jnp.zeros((num_experts * cap, x_nd.shape[-1]), x_nd.dtype)
+  buf = buf.at[slot_j].set(jnp.take(x_nd, tok_j, axis=0), mode="drop", unique_indices=True)
+  plan = CapacityPlan(slot_j.reshape(k, n).T, keep_j.reshape(k, n).T)
+  dropped = n * k - jnp.sum(keep_j.astype(jnp.int32))
+  return buf.reshape(num_experts, cap, -1), plan, dropped
+
+
+def combine_capacity(y_ecd, weights_nk, plan: CapacityPlan):
+  """Gathers each assignment's slot (zero when dropped) and returns sum_k w_nk * y_nkd."""
+  e, c, d = y_ecd.shape
+  y_nkd = jnp.take(y_ecd.reshape(e * c, d), plan.slot_nk, axis=0, mode="fill", fill_value=0)
+  return jnp.einsum("nkd,nk->nd", y_nkd.astype(F32), weights_nk).astype(y_ecd.dtype)
+
+
+# ----- modules -----
+
+class Experts(nnx.Module):
+  """E SwiGLU experts, weights stacked [E, ...] with logical axis `expert` first (sharded over experts later)."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    e, d, f = cfg.moe.num_experts, cfg.model.hidden, cfg.moe.expert_dim
+    pdt = dtype(cfg.model.param_dtype)
+
+    def param(names, shape):
+      return nnx.Param(normal_init(cfg.model.init_std, names)(rngs.params(), shape, pdt))
+
+    self.gate = param(("expert", "embed", "mlp"), (e, d, f))
+    self.up = param(("expert", "embed", "mlp"), (e, d, f))
+    self.down = param(("expert", "mlp", "embed"), (e, f, d))
+    self.dtype = dtype(cfg.model.dtype)
+
+  def cast(self, p):
+    return p[...].astype(self.dtype)
+
+  def grouped(self, x_md, group_sizes_e):
+    """Rows sorted by expert (group_sizes_e rows each) -> outputs [M, D], one ragged matmul per projection."""
+    x_md = x_md.astype(self.dtype)
+    rd = lambda a, w: jax.lax.ragged_dot(a, self.cast(w), group_sizes_e)
+    return rd(jax.nn.silu(rd(x_md, self.gate)) * rd(x_md, self.up), self.down)
+
+  def batched(self, x_ecd):
+    """Fixed-capacity buffer [E, C, D] -> outputs [E, C, D], one batched matmul per projection."""
+    x_ecd = x_ecd.astype(self.dtype)
+    h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", x_ecd, self.cast(self.gate)))
+    h = h * jnp.einsum("ecd,edf->ecf", x_ecd, self.cast(self.up))
+    return jnp.einsum("ecf,efd->ecd", h, self.cast(self.down))
+
+
+class MoE(nnx.Module):
+  """Routed SwiGLU experts (+ optional shared experts). __call__(x_btd) -> (y_btd, aux) per the FFN contract."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    mo, m = cfg.moe, cfg.model
+    self.num_experts = mo.num_experts
+    self.top_k = mo.top_k
+    self.renormalize = bool(mo.renormalize)
+    self.capacity_factor = float(mo.capacity_factor)
+    self.aux_loss_coef = float(mo.aux_loss_coef)
+    self.z_loss_coef = float(mo.z_loss_coef)
+    self.num_layers = m.num_layers
+    # The router stays fp32 whatever model.param_dtype says: fp32 logits need fp32 weights.
+    self.router = nnx.Param(normal_init(m.init_std, ("embed", None))(rngs.params(), (m.hidden, mo.num_experts), F32))
+    self.experts = Experts(cfg, rngs=rngs)
+    # n shared experts of width w are one SwiGLU of width n * w (DeepSeek's fine-grained shared experts);
+    # Qwen2-MoE scales their output per token by a sigmoid gate.
+    shared_width = mo.num_shared_experts * (mo.shared_expert_dim or mo.expert_dim)
+    self.shared = SwiGLU(cfg, rngs=rngs, width=shared_width) if shared_width else None
+    gated = shared_width and mo.shared_expert_gate
+    self.shared_gate = dense(m.hidden, 1, ("embed", None), cfg=cfg, rngs=rngs) if gated else None
+
+  def router_logits(self, x_nd):
+    return jnp.dot(x_nd.astype(F32), self.router[...], precision=jax.lax.Precision.HIGHEST)
+
+  def routed(self, x_nd, r: Routing):
+    """Dispatch -> experts -> combine; returns (y_nd, dropped assignment count)."""
+    if self.capacity_factor <= 0:
+      x_md, plan = dispatch_sorted(x_nd, r.experts_nk, self.num_experts)
+      return combine_sorted(self.experts.grouped(x_md, plan.group_sizes_e), r.weights_nk, plan), jnp.zeros((), F32)
+    cap = capacity(x_nd.shape[0], self.top_k, self.num_experts, self.capacity_factor)
+    x_ecd, plan, dropped = dispatch_capacity(x_nd, r.experts_nk, self.num_experts, cap)
+    return combine_capacity(self.experts.batched(x_ecd), r.weights_nk, plan), dropped.astype(F32)
+
+  def __call__(self, x_btd):
+    b, t, d = x_btd.shape
+    x_nd = x_btd.reshape(b * t, d)
+    r = route(self.router_logits(x_nd), self.top_k, self.renormalize)
+    y_nd, dropped = self.routed(x_nd, r)
+    if self.shared is not None:
+      s_nd, _ = self.shared(x_nd)
+      if self.shared_gate is not None:
+        s_nd = jax.nn.sigmoid(self.shared_gate(x_nd).astype(F32)).astype(s_nd.dtype) * s_nd
+      y_nd = y_nd + s_nd
+    balance, z = balance_loss(r.probs_ne, r.experts_nk), router_z(r.logits_ne)
+    aux = {
+        "moe_aux_loss": self.num_layers * self.aux_loss_coef * balance,
+        "moe_z_loss": self.num_layers * self.z_loss_coef * z,
+        "moe_balance": jax.lax.stop_gradient(balance),
+        "moe_router_z": jax.lax.stop_gradient(z),
+        "moe_router_entropy": jax.lax.stop_gradient(router_entropy(r.logits_ne)),
+        "moe_load": expert_load(r.experts_nk, self.num_experts),
+        "moe_dropped_frac": dropped / r.experts_nk.size,
+    }
+    return y_nd.reshape(b, t, d), aux
+
+
+def reference_forward(moe: MoE, x_btd, keep_nk=None):
+  """Plain per-expert loop for tests: every expert runs on every token, scaled by that token's routing weight.
+
+  Routes on its own (softmax, top-k, renormalise) and ignores capacity unless `keep_nk` (bool [N, k], False =
+  dropped) says which assignments survive. Returns y_btd in the model's compute dtype.
+  """
+  b, t, d = x_btd.shape
+  x_nd = x_btd.reshape(b * t, d)
+  logits_ne = jnp.dot(x_nd.astype(F32), moe.router[...], precision=jax.lax.Precision.HIGHEST)
+  probs_ne = jnp.exp(logits_ne - jnp.max(logits_ne, -1, keepdims=True))
+  probs_ne = probs_ne / jnp.sum(probs_ne, -1, keepdims=True)
+  top_w, top_e = jax.lax.top_k(probs_ne, moe.top_k)
+  if moe.renormalize:
+    top_w = top_w / jnp.sum(top_w, -1, keepdims=True)
+  if keep_nk is not None:
+    top_w = top_w * keep_nk
+  ex = moe.experts
+  xc = x_nd.astype(ex.dtype)
+  y_nd = jnp.zeros((b * t, d), F32)
+  for e in range(moe.num_experts):
+    h = jax.nn.silu(xc @ ex.cast(ex.gate)[e]) * (xc @ ex.cast(ex.up)[e])
+    w_n = jnp.sum(jnp.where(top_e == e, top_w, 0.0), axis=-1)
+    y_nd = y_nd + w_n[:, None] * (h @ ex.cast(ex.down)[e]).astype(F32)
+  y_nd = y_nd.astype(ex.dtype)
+  if moe.shared is not None:
+    s_nd, _ = moe.shared(x_nd)
+    if moe.shared_gate is not None:
+      s_nd = jax.nn.sigmoid(moe.shared_gate(x_nd).astype(F32)).astype(s_nd.dtype) * s_nd
+    y_nd = y_nd + s_nd
+  return y_nd.reshape(b, t, d)
