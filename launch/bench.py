@@ -1,7 +1,7 @@
 """The benchmark suite: python -m launch.bench {attention|positional|moe|all} [--scale=smoke] [--config.k=v ...]
 
 Trains each variant of the sweep in its own `python -m launch` subprocess under
-<results_dir>/<sweep>_results/<variant>/, skipping variants that already have a summary.json (--force reruns),
+<results_dir>/{attention,positional_encoding,moe}_results/<variant>/, skipping variants that already have a summary.json (--force reruns),
 then writes and prints the sweep's table (.txt/.md/.csv) and plots (.png) under <results_dir>.
 `python -m launch.bench tables [sweep ...]` rebuilds tables and plots from existing workdirs (e.g. after slurm).
 """
@@ -16,6 +16,7 @@ from absl import app, flags
 from efficientllm_jax.bench import cli, runner, sweeps, tables
 
 cli.define_common_flags()
+flags.adopt_module_key_flags(cli)  # --helpshort lists the shared flags too
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print each variant's launch command; run nothing.")
 _STREAM = flags.DEFINE_bool("stream", False, "Echo each run's console output (always kept in its workdir's "
                             "bench_stdout.log).")

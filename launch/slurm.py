@@ -18,6 +18,7 @@ from efficientllm_jax.bench import cli, sweeps
 from efficientllm_jax.bench.slurm import SlurmOptions, log_dir_of, make_script
 
 cli.define_common_flags()
+flags.adopt_module_key_flags(cli)  # --helpshort lists the shared flags too
 _PARTITION = flags.DEFINE_string("partition", None, "Slurm partition.")
 _GPUS = flags.DEFINE_integer("gpus", 1, "GPUs per node for each variant (one launch process per GPU).")
 _NODES = flags.DEFINE_integer("nodes", 1, "Nodes per variant.")

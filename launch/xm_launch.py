@@ -24,6 +24,7 @@ from efficientllm_jax.bench import cli, runner, sweeps
 from efficientllm_jax.bench.sweeps import Variant
 
 cli.define_common_flags()
+flags.adopt_module_key_flags(cli)  # --helpshort lists the shared flags too
 _GPUS = flags.DEFINE_list("gpus", [], "GPU ids to spread work units over, one unit per GPU at a time (empty: "
                           "one unit at a time, every GPU visible).")
 _TITLE = flags.DEFINE_string("title", None, "Experiment title (default efficientllm-<sweep>-<scale>).")
