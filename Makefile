@@ -19,8 +19,10 @@ $(STAMP): requirements.txt
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The smoke suite: every variant of the three sweeps as a tiny model on the embedded corpus (CPU minutes);
+# prints the three tables (results/efficientllm_benchmark/). Finished variants are skipped on a rerun.
 demo: $(STAMP)
-	$(PY) -m launch --config=configs/quickstart.py --workdir=runs/demo --overwrite
+	$(PY) -m launch.bench all --scale=smoke
 
 clean-venv:
 	rm -rf $(VENV)
