@@ -71,4 +71,8 @@ POSITIONS = {"rope": RoPE, "none": NoPosition}
 
 
 def make_position(cfg, *, rngs: nnx.Rngs) -> nnx.Module:
+  """The scheme for `position.kind`. With MLA, RoPE rotates only its decoupled dims (qk_rope_head_dim), so the
+  context's cos/sin have qk_rope_head_dim / 2 columns and `rotate` on q_rope / k_rope rotates all of them."""
+  if cfg.position.kind == "rope" and cfg.attention.kind == "mla":
+    return RoPE(cfg, rngs=rngs, rot_dim=int(cfg.attention.mla.qk_rope_head_dim))
   return POSITIONS[cfg.position.kind](cfg, rngs=rngs)
