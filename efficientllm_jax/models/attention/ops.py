@@ -21,6 +21,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from efficientllm_jax.config import ConfigError
+
 XLA_BLOCK_Q = 512  # queries per block of the chunked xla path: logits of [B, H, 512, S] fp32 at a time
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked (padding) row stays NaN-free
 _logged: set[str] = set()
@@ -151,7 +153,7 @@ def attention(q, k, v, *, impl: str = "auto", scale: float | None = None, bias=N
     if reason is None:
       return cudnn_attention(q, k, v, scale=scale, window=window)
     if impl == "cudnn":
-      raise ValueError(f"attention.impl='cudnn' cannot run this call: {reason}; use attention.impl=auto or xla")
+      raise ConfigError(f"attention.impl='cudnn' cannot run this call: {reason}; use attention.impl=auto or xla")
     on_gpu = jax.default_backend() == "gpu"
     _log_once(f"attention: xla path ({reason})", logging.WARNING if on_gpu else logging.INFO)
   return xla_attention(q, k, v, scale=scale, bias=bias, window=window, block_q=block_q)
