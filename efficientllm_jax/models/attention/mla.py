@@ -125,7 +125,7 @@ class MLA(nnx.Module):
     q_pos, k_pos = pos + jnp.arange(t), jnp.arange(s)
     if ctx.bias is not None:
       logits = logits + ctx.bias.dense(q_pos, k_pos).astype(jnp.float32)
-    logits = jnp.where(ops._visible(q_pos, k_pos, s, self.window), logits, ops._MASKED)  # hides unwritten slots
+    logits = jnp.where(ops.visible(q_pos, k_pos, s, self.window), logits, ops.MASKED)  # hides unwritten slots
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     o_lat = jnp.einsum("bhts,bsc->bthc", probs, cache.c_kv, preferred_element_type=jnp.float32)
     y_btd = jnp.einsum("bthc,hcd->btd", o_lat.astype(self.dtype), w["o_lat"], preferred_element_type=jnp.float32)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from efficientllm_jax.config import ConfigError
 
 XLA_BLOCK_Q = 512  # queries per block of the chunked xla path: logits of [B, H, 512, S] fp32 at a time
-_MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked (padding) row stays NaN-free
+MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked (padding) row stays NaN-free
 _logged: set[str] = set()
 
 
@@ -36,10 +36,10 @@ def _log_once(msg: str, level: int = logging.INFO) -> None:
 
 def causal_mask(t: int, s: int, window: int = 0, offset: int = 0):
   """[t, s] bool, True where query i (at absolute position offset + i) may see key j."""
-  return _visible(jnp.arange(t) + offset, jnp.arange(s), s, window)
+  return visible(jnp.arange(t) + offset, jnp.arange(s), s, window)
 
 
-def _visible(q_pos, k_pos, s: int, window: int):
+def visible(q_pos, k_pos, s: int, window: int):
   """[t, s'] bool: key k_pos[j] exists (0 <= k < s), is not in the future, and lies within the window."""
   qi, kj = q_pos[:, None], k_pos[None, :]
   ok = (kj <= qi) & (kj >= 0) & (kj < s)
@@ -55,7 +55,7 @@ def _attend(q_btkgd, k_bskd, v_bskd, q_pos, k_pos, *, s: int, scale: float, bias
     _, _, kvh, g, _ = q_btkgd.shape
     b_hts = bias.dense(q_pos, jnp.clip(k_pos, 0, s - 1))  # clipped: padded keys are masked below anyway
     logits = logits + b_hts.reshape(kvh, g, *b_hts.shape[1:]).astype(jnp.float32)
-  logits = jnp.where(_visible(q_pos, k_pos, s, window), logits, _MASKED)
+  logits = jnp.where(visible(q_pos, k_pos, s, window), logits, MASKED)
   probs = jax.nn.softmax(logits, axis=-1)
   return jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_bskd.dtype), v_bskd, preferred_element_type=jnp.float32)
 
