@@ -11,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-ATTENTION_KINDS = ("mha", "gqa", "mqa")
+ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 POSITION_KINDS = ("rope", "sinusoidal", "learned", "relative", "alibi", "none")
 BIAS_POSITION_KINDS = ("relative", "alibi")  # logit-bias schemes (ctx.bias)
@@ -249,6 +249,25 @@ def validate_moe(c) -> None:
 
 
 VALIDATORS.append(validate_moe)
+
+
+def validate_mla(c) -> None:
+  """attention.mla.* (only when attention.kind == 'mla')."""
+  if c.attention.kind != "mla":
+    return
+  for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+    _positive_int(c, f"attention.mla.{key}")
+  q_rank = _get(c, "attention.mla.q_lora_rank")
+  if isinstance(q_rank, bool) or not isinstance(q_rank, int) or q_rank < 0:
+    raise ConfigError(f"attention.mla.q_lora_rank={q_rank!r} must be an integer >= 0: 0 = no query compression "
+                      "(DeepSeek-V2-Lite), N > 0 = compress queries to rank N (DeepSeek-V2: 1536)")
+  rope = c.attention.mla.qk_rope_head_dim
+  if c.position.kind == "rope" and rope % 2:
+    raise ConfigError(f"attention.mla.qk_rope_head_dim={rope} must be even for RoPE (dims rotate in pairs): "
+                      f"set --config.attention.mla.qk_rope_head_dim={rope + 1}")
+
+
+VALIDATORS.append(validate_mla)
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

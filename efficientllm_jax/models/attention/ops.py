@@ -1,86 +1,159 @@
-"""The one attention-core dispatch: which kernel computes softmax(q k^T * scale + bias) v.
+"""The one attention-core dispatch: which kernel computes softmax(q k^T * scale + bias) v, causally.
 
 Variants (gqa.py, mla.py, ...) build q/k/v; `attention()` picks the kernel by `impl`:
-  xla    plain einsum reference (any platform, any shape, biases)
+  xla    einsum reference in fp32 (any platform, any shape, biases). Above `block_q` queries it runs over query
+         blocks (lax.map of a rematerialised block), so the fp32 logits live as [B, H, block_q, S] at a time,
+         never [B, H, T, S]; with a sliding window each block reads only its block_q + window - 1 keys.
   cudnn  jax.nn.dot_product_attention(implementation="cudnn"), is_causal=True (+ local_window_size), never a
-         dense mask
-  auto   cudnn on GPU where it applies, else xla
-Layouts: q [B, T, H, Dqk], k [B, S, K, Dqk], v [B, S, K, Dv] with H % K == 0 (GQA groups share a K/V head).
-A logit bias (relative / ALiBi positions) is passed as an object with `dense(q_pos [t], k_pos [s]) -> [H, t, s]`
-fp32, so a kernel may evaluate it tile by tile instead of receiving a dense tensor.
+         dense mask. Unequal qk / v head dims (MLA) are zero-padded to the larger one and the output sliced.
+  auto   cudnn where `cudnn_supports` says it applies, else xla (the reason is logged once).
+Layouts: q [B, T, H, Dqk], k [B, S, K, Dqk], v [B, S, K, Dv] with H % K == 0 (query head h uses K/V head
+h // (H / K), the grouping of jax.nn.dot_product_attention). Query i sits at position q_offset + i, key j at j.
+A logit bias (relative / ALiBi positions) is an object with `dense(q_pos [t], k_pos [s]) -> [H, t, s]` (fp32,
+a pytree); the xla path evaluates it per query block with that block's positions, cuDNN never takes one.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
 
+from efficientllm_jax.config import ConfigError
+
+XLA_BLOCK_Q = 512  # queries per block of the chunked xla path: logits of [B, H, 512, S] fp32 at a time
+MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked (padding) row stays NaN-free
 _logged: set[str] = set()
 
 
-def _log_once(msg: str) -> None:
+def _log_once(msg: str, level: int = logging.INFO) -> None:
   if msg not in _logged:
     _logged.add(msg)
-    logging.info(msg)
+    logging.log(level, msg)
 
 
 def causal_mask(t: int, s: int, window: int = 0, offset: int = 0):
   """[t, s] bool, True where query i (at absolute position offset + i) may see key j."""
-  qi = jnp.arange(t)[:, None] + offset
-  kj = jnp.arange(s)[None, :]
-  ok = kj <= qi
+  return visible(jnp.arange(t) + offset, jnp.arange(s), s, window)
+
+
+def visible(q_pos, k_pos, s: int, window: int):
+  """[t, s'] bool: key k_pos[j] exists (0 <= k < s), is not in the future, and lies within the window."""
+  qi, kj = q_pos[:, None], k_pos[None, :]
+  ok = (kj <= qi) & (kj >= 0) & (kj < s)
   if window:
     ok &= kj > qi - window
   return ok
 
 
-def xla_attention(q, k, v, *, scale: float, bias=None, window: int = 0, causal: bool = True, q_offset: int = 0):
-  """Reference: fp32 logits and softmax, GQA via a group axis (K/V are never repeated)."""
-  b, t, h, d = q.shape
-  s, kvh = k.shape[1], k.shape[2]
-  g = h // kvh
-  qg = q.reshape(b, t, kvh, g, d)
-  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+def _attend(q_btkgd, k_bskd, v_bskd, q_pos, k_pos, *, s: int, scale: float, bias, window: int):
+  """One block: fp32 logits [B, K, G, t, s'] -> softmax -> [B, t, K, G, Dv] fp32."""
+  logits = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_bskd, preferred_element_type=jnp.float32) * scale
   if bias is not None:
-    b_hts = bias.dense(jnp.arange(t) + q_offset, jnp.arange(s))
-    logits = logits + b_hts.reshape(kvh, g, t, s).astype(jnp.float32)
-  if causal:
-    logits = jnp.where(causal_mask(t, s, window, q_offset), logits, -jnp.inf)
+    _, _, kvh, g, _ = q_btkgd.shape
+    b_hts = bias.dense(q_pos, jnp.clip(k_pos, 0, s - 1))  # clipped: padded keys are masked below anyway
+    logits = logits + b_hts.reshape(kvh, g, *b_hts.shape[1:]).astype(jnp.float32)
+  logits = jnp.where(visible(q_pos, k_pos, s, window), logits, MASKED)
   probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return out.reshape(b, t, h, v.shape[-1]).astype(q.dtype)
+  return jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_bskd.dtype), v_bskd, preferred_element_type=jnp.float32)
+
+
+def xla_attention(q, k, v, *, scale: float, bias=None, window: int = 0, q_offset: int = 0,
+                  block_q: int | None = None):
+  """Reference: fp32 logits and softmax, GQA via a group axis (K/V are never repeated); block_q None = XLA_BLOCK_Q."""
+  block_q = block_q or XLA_BLOCK_Q
+  b, t, h, d = q.shape
+  s, kvh, dv = k.shape[1], k.shape[2], v.shape[-1]
+  qg = q.reshape(b, t, kvh, h // kvh, d)
+  kw = dict(s=s, scale=scale, bias=bias, window=window)
+  if t <= block_q:
+    out = _attend(qg, k, v, jnp.arange(t) + q_offset, jnp.arange(s), **kw)
+    return out.reshape(b, t, h, dv).astype(q.dtype)
+
+  n = -(-t // block_q)
+  qg = jnp.pad(qg, ((0, 0), (0, n * block_q - t), (0, 0), (0, 0), (0, 0)))  # padded rows are sliced off
+  q_blocks = jnp.moveaxis(qg.reshape(b, n, block_q, *qg.shape[2:]), 1, 0)
+  span = block_q + window - 1
+  if window and span < s:
+    # Block i needs keys q_offset + i*block_q - (window-1) ... + block_q - 1: pad so every slice is in range.
+    right = max(0, q_offset + n * block_q - s)
+    pad = ((0, 0), (window - 1, right), (0, 0), (0, 0))
+    k_src, v_src = jnp.pad(k, pad), jnp.pad(v, pad)
+  else:
+    span = 0
+
+  @jax.checkpoint  # the backward recomputes each block's logits instead of storing [B, H, T, S]
+  def block(i, q_blk):
+    q_pos = q_offset + i * block_q + jnp.arange(block_q)
+    if not span:
+      return _attend(q_blk, k, v, q_pos, jnp.arange(s), **kw)
+    start = q_offset + i * block_q  # in padded coordinates, = first needed key + window - 1
+    k_blk = jax.lax.dynamic_slice_in_dim(k_src, start, span, axis=1)
+    v_blk = jax.lax.dynamic_slice_in_dim(v_src, start, span, axis=1)
+    return _attend(q_blk, k_blk, v_blk, q_pos, start - (window - 1) + jnp.arange(span), **kw)
+
+  out = jax.lax.map(lambda args: block(*args), (jnp.arange(n), q_blocks))  # [n, B, block_q, K, G, Dv]
+  out = jnp.moveaxis(out, 0, 1).reshape(b, n * block_q, h, dv)[:, :t]
+  return out.astype(q.dtype)
+
+
+def _pad_last(x, d: int):
+  return x if x.shape[-1] == d else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d - x.shape[-1])])
 
 
 def cudnn_attention(q, k, v, *, scale: float, window: int = 0):
-  kw = dict(local_window_size=(window - 1, 0)) if window else {}
-  return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn", **kw)
+  """cuDNN flash attention; unequal qk / v head dims are zero-padded (zeros add nothing to q.k, and the padded
+  output columns are sliced off)."""
+  dv = v.shape[-1]
+  d = max(q.shape[-1], dv)
+  q, k, v = _pad_last(q, d), _pad_last(k, d), _pad_last(v, d)
+  kw = dict(local_window_size=(window - 1, 0)) if window else {}  # cuDNN: keys in (i - window, i]
+  out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn", **kw)
+  return out[..., :dv]
 
 
-def cudnn_supports(q, k, v, bias) -> str | None:
-  """None if cuDNN can run this call, else the reason it cannot."""
+def _compute_capability() -> tuple[int, ...] | None:
+  cc = getattr(jax.devices()[0], "compute_capability", None)
+  return tuple(int(x) for x in str(cc).split(".")) if cc else None
+
+
+def cudnn_supports(q, k, v, bias, q_offset: int = 0) -> str | None:
+  """None if cuDNN can run this call, else the reason it cannot.
+
+  The limits are those jax 0.11 checks (jax/_src/cudnn/fused_attention_stablehlo.py, check_is_flash_attention
+  and check_layout; jax.nn.dot_product_attention wants q, k, v of one head dim, so we pad to the larger one):
+  bf16/fp16, head dim a multiple of 8 and at most 256 on Hopper or newer (compute capability >= 9.0), 128 before.
+  """
   if jax.default_backend() != "gpu":
     return f"platform is {jax.default_backend()}, not gpu"
-  if q.dtype not in (jnp.bfloat16, jnp.float16):
-    return f"dtype {q.dtype} (cuDNN flash attention needs bf16/fp16)"
-  if q.shape[-1] != v.shape[-1]:
-    return f"q/k head dim {q.shape[-1]} differs from v head dim {v.shape[-1]}"
-  if q.shape[-1] > 128 or q.shape[-1] % 8:
-    return f"head dim {q.shape[-1]} (cuDNN needs a multiple of 8, at most 128)"
+  if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.bfloat16, jnp.float16):
+    return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (cuDNN flash attention needs bf16 or fp16 throughout)"
   if bias is not None:
-    return "a logit bias (would need a dense [B,H,T,S] tensor)"
+    return "a logit bias (cuDNN would need a dense [B,H,T,S] tensor)"
+  if q_offset or q.shape[1] != k.shape[1]:
+    return f"{q.shape[1]} queries at offset {q_offset} over {k.shape[1]} keys (causal cuDNN path is self-attention)"
+  cc = _compute_capability()
+  if cc is None:
+    return "no CUDA compute capability (cuDNN needs an NVIDIA GPU)"
+  d = max(q.shape[-1], v.shape[-1])
+  d_max = 256 if cc >= (9, 0) else 128
+  if d % 8 or d > d_max:
+    return f"head dim {d} (cuDNN on compute capability {'.'.join(map(str, cc))} needs a multiple of 8, <= {d_max})"
   return None
 
 
-def attention(q, k, v, *, impl: str = "auto", scale: float | None = None, bias=None, window: int = 0):
-  """Causal attention over [B, T, H, D] queries; returns [B, T, H, Dv] in q's dtype."""
-  scale = q.shape[-1] ** -0.5 if scale is None else scale
+def attention(q, k, v, *, impl: str = "auto", scale: float | None = None, bias=None, window: int = 0,
+              block_q: int | None = None):
+  """Causal self-attention over [B, T, H, D] queries; returns [B, T, H, Dv] in q's dtype."""
+  scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
   if impl in ("auto", "cudnn"):
     reason = cudnn_supports(q, k, v, bias)
     if reason is None:
       return cudnn_attention(q, k, v, scale=scale, window=window)
     if impl == "cudnn":
-      raise ValueError(f"attention.impl='cudnn' cannot run this call: {reason}; use attention.impl=auto or xla")
-    _log_once(f"attention: xla path ({reason})")
-  return xla_attention(q, k, v, scale=scale, bias=bias, window=window)
+      raise ConfigError(f"attention.impl='cudnn' cannot run this call: {reason}; use attention.impl=auto or xla")
+    on_gpu = jax.default_backend() == "gpu"
+    _log_once(f"attention: xla path ({reason})", logging.WARNING if on_gpu else logging.INFO)
+  return xla_attention(q, k, v, scale=scale, bias=bias, window=window, block_q=block_q)
