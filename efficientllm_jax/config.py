@@ -10,7 +10,7 @@ from typing import Any
 
 import ml_collections
 
-ATTENTION_KINDS = ("mha", "gqa", "mqa")
+ATTENTION_KINDS = ("mha", "gqa", "mqa", "nsa")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 POSITION_KINDS = ("rope", "none")
 FFN_KINDS = ("dense",)
@@ -139,7 +139,38 @@ def validate_train(c) -> None:
       raise ConfigError(f"{key}={b} must be in [0, 1): Adam's moment decay (EfficientLLM: 0.9 / 0.95)")
 
 
-VALIDATORS = [validate_model, validate_attention, validate_position, validate_ffn, validate_data, validate_train]
+def validate_nsa(c) -> None:
+  """NSA geometry (models/attention/nsa.py): block l, stride d, selection block l', n selected, window w."""
+  if c.attention.kind != "nsa":
+    return
+  keys = ("compress_block", "compress_stride", "select_block", "num_selected", "window", "local_blocks")
+  l, d, ls, n, w, local = (_positive_int(c, f"attention.nsa.{k}") for k in keys)
+  chunk = _non_negative(c, "attention.nsa.query_chunk")
+  if isinstance(chunk, float) and not chunk.is_integer():
+    raise ConfigError(f"attention.nsa.query_chunk={chunk} must be a whole number of queries (0 = auto)")
+  if d > l:
+    raise ConfigError(f"attention.nsa.compress_stride={d} exceeds attention.nsa.compress_block={l}: tokens between "
+                      f"blocks would never be compressed; use a stride <= the block (EfficientLLM: {l // 2})")
+  if l % d:
+    raise ConfigError(f"attention.nsa.compress_block={l} is not a multiple of attention.nsa.compress_stride={d}: "
+                      f"choose a stride dividing the block ({_divisors(l)})")
+  if ls % d:
+    raise ConfigError(f"attention.nsa.select_block={ls} is not a multiple of attention.nsa.compress_stride={d}: "
+                      "the score remap sums whole strides; use a multiple of the stride (paper: 64 with stride 16)")
+  if n < 1 + local:
+    raise ConfigError(f"attention.nsa.num_selected={n} cannot hold the first block plus "
+                      f"attention.nsa.local_blocks={local} local blocks: set num_selected >= {1 + local}")
+  if c.attention.window:
+    raise ConfigError(f"attention.window={c.attention.window} is the GQA sliding window; NSA's window is "
+                      "attention.nsa.window: set --config.attention.window=0")
+  t = c.data.seq_len
+  if t < l or t < ls:
+    raise ConfigError(f"data.seq_len={t} is shorter than one NSA block (compress_block={l}, select_block={ls}): "
+                      f"lower the blocks or raise data.seq_len to >= {max(l, ls)}")
+
+
+VALIDATORS = [validate_model, validate_attention, validate_position, validate_ffn, validate_data, validate_train,
+              validate_nsa]
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -1,8 +1,9 @@
 """Attention variants, one file per kind; `make_attention` maps `attention.kind` to its module."""
 
 from efficientllm_jax.models.attention.gqa import GQAAttention
+from efficientllm_jax.models.attention.nsa import NSAAttention
 
-ATTENTIONS = {"mha": GQAAttention, "gqa": GQAAttention, "mqa": GQAAttention}
+ATTENTIONS = {"mha": GQAAttention, "gqa": GQAAttention, "mqa": GQAAttention, "nsa": NSAAttention}
 
 
 def make_attention(cfg, *, rngs):
