@@ -397,3 +397,22 @@ def test_tiny_nsa_trains_with_falling_loss(tmp_path):
   losses = [r["loss"] for r in rows if r["split"] == "train"]
   assert summary["attention"] == "nsa" and math.isfinite(summary["eval_loss"])
   assert np.mean(losses[-5:]) < losses[0] - 1.0, losses
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU (cuDNN window branch, bf16)")
+def test_layer_memory_at_8k_is_bounded_on_gpu():
+  """One 0.5B NSA layer, micro-batch 4 x 8192 tokens, forward + backward: no [T, T] buffer (that alone would be
+  4 * 14 * 8192^2 * 4 bytes = 15 GB)."""
+  cfg = nsa_config.get_config("0.5B")
+  b, t = cfg.train.micro_batch, cfg.data.seq_len
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: ATTENTIONS["nsa"](cfg, rngs=nnx.Rngs(0))))
+  rope = RoPE(cfg, rngs=nnx.Rngs(0))
+
+  def loss(state, x):
+    ctx = rope.context(jnp.broadcast_to(jnp.arange(t), (b, t)))
+    return jnp.sum(nnx.merge(graphdef, state)(x, ctx).astype(jnp.float32))
+
+  x = jax.ShapeDtypeStruct((b, t, cfg.model.hidden), jnp.bfloat16)
+  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(state, x).compile()
+  assert compiled.memory_analysis().temp_size_in_bytes < 8e9
