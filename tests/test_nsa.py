@@ -58,9 +58,10 @@ def np_compressed_attention(q, kc, vc, ends, bias_hts=None):
   return np.einsum("bhtn,bnhd->bthd", p, np.repeat(vc, g, axis=2)), p
 
 
-def np_rope(x_bthd, theta):
+def np_rope(x_bthd, theta, positions=None):
   t, d = x_bthd.shape[1], x_bthd.shape[-1]
-  ang = np.arange(t)[:, None] * theta ** (-np.arange(0, d, 2) / d)[None, :]
+  positions = np.arange(t) if positions is None else positions
+  ang = positions[:, None] * theta ** (-np.arange(0, d, 2) / d)[None, :]
   cos, sin = np.cos(ang)[None, :, None], np.sin(ang)[None, :, None]
   x1, x2 = x_bthd[..., : d // 2], x_bthd[..., d // 2:]
   return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -115,12 +116,13 @@ def test_compress_blocks_are_overlapping_windows():
 # branches as pure functions
 
 @functools.cache
-def _jitted_branches(n, bias):
-  return jax.jit(lambda *a: nsa.sparse_branches(*a, num_selected=n, bias=bias, **GEOM))
+def _jitted_branches(n, bias, local_blocks):
+  geom = dict(GEOM, local_blocks=local_blocks)
+  return jax.jit(lambda *a: nsa.sparse_branches(*a, num_selected=n, bias=bias, **geom))
 
 
-def _branches(q, kc, vc, ends, ks, vs, *, n, bias=None):
-  return [np.asarray(o) for o in _jitted_branches(n, bias)(q, kc, vc, ends, ks, vs)]
+def _branches(q, kc, vc, ends, ks, vs, *, n, bias=None, local_blocks=GEOM["local_blocks"]):
+  return [np.asarray(o) for o in _jitted_branches(n, bias, local_blocks)(q, kc, vc, ends, ks, vs)]
 
 
 def _inputs(t=64, b=2, kv=2, g=2, d=16, seed=0):
@@ -174,14 +176,15 @@ def np_selection(q, kc, ends, t, *, n, select_block, local_blocks, compress_bloc
   return sel
 
 
-def test_selected_branch_attends_exactly_the_groups_top_blocks():
-  t, d, n = 64, 64, 3
+@pytest.mark.parametrize("n, local_blocks", [(3, 1), (4, 2)])
+def test_selected_branch_attends_exactly_the_groups_top_blocks(n, local_blocks):
+  t, d = 64, 64
   q, kc, vc, ends, ks, _ = _inputs(t=t, d=d)
   b, kv, h = q.shape[0], ks.shape[2], q.shape[2]
   g = h // kv
   onehot = np.broadcast_to(np.eye(t, d, dtype=np.float32)[None, :, None], (b, t, kv, d))  # v of token p = e_p
-  _, o_slc, idx = _branches(q, kc, vc, ends, ks, onehot, n=n)
-  ref = np_selection(q, kc, ends, t, n=n, **GEOM)
+  _, o_slc, idx = _branches(q, kc, vc, ends, ks, onehot, n=n, local_blocks=local_blocks)
+  ref = np_selection(q, kc, ends, t, n=n, **dict(GEOM, local_blocks=local_blocks))
   counts = nsa.attended_tokens(t, num_selected=n, window=8, **{k: GEOM[k] for k in
                                                                 ("compress_block", "compress_stride", "select_block")})
   lb = GEOM["select_block"]
@@ -194,7 +197,8 @@ def test_selected_branch_attends_exactly_the_groups_top_blocks():
           np.testing.assert_array_equal(support[gi], support[0])
         tokens = set(np.flatnonzero(support[0]).tolist())
         blocks = {p // lb for p in tokens}
-        assert max(tokens) == ti and 0 in blocks and ti // lb in blocks  # causal, first and current block
+        forced = {0} | {j for j in range(ti // lb - local_blocks + 1, ti // lb + 1) if j >= 0}
+        assert max(tokens) == ti and forced <= blocks  # causal; first and local blocks always taken
         assert tokens == {p for blk in blocks for p in range(blk * lb, min((blk + 1) * lb, ti + 1))}
         assert len(tokens) == counts["slc"][ti]
         assert blocks == {j for j in idx[bi, ki, ti] if j >= 0}
@@ -318,17 +322,28 @@ def test_module_is_causal_in_values_and_gradients():
 
 
 def test_compressed_keys_are_rotated_at_their_block_end():
-  """Rotating every position by a shift leaves attention unchanged only if compressed keys use positions too."""
   t = 64
   cfg = _tiny()
-  module, x, _ = _module_and_ctx(cfg, t)
+  module, x, ctx = _module_and_ctx(cfg, t)
+  module.phi_k.w2[...] = module.phi_k.w2[...] * 300  # large compressed keys: positions change the logits a lot
+  module.phi_v.w2[...] = module.phi_v.w2[...] * 300  # and values of order one
   rope = RoPE(cfg, rngs=nnx.Rngs(0))
   run = nnx.jit(lambda m, x, ctx: m.branches(x, ctx)[0]["cmp"])
-  a = run(module, x, rope.context(jnp.broadcast_to(jnp.arange(t), (2, t))))
-  b = run(module, x, rope.context(jnp.broadcast_to(jnp.arange(t) + 1000, (2, t))))
-  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4)
-  kc, _, ends = module.compressed_kv(x, PositionContext())
-  assert np.array_equal(np.asarray(ends), np.arange(kc.shape[1]) * 8 + 15)
+  o_cmp = np.asarray(run(module, x, ctx))
+  # reference: phi's (unrotated) output rotated in numpy at position i*d + l - 1, the block's last token
+  kc, vc, _ = (np.asarray(a, np.float64) for a in module.compressed_kv(x, PositionContext()))
+  l, d = cfg.attention.nsa.compress_block, cfg.attention.nsa.compress_stride
+  ends = np.arange(kc.shape[1]) * d + l - 1
+  theta = cfg.position.rope_theta
+  q = np_rope(np_linear(np.asarray(x, np.float64), module.q), theta)
+  ref, p = np_compressed_attention(q, np_rope(kc, theta, ends), vc, ends)
+  assert p[:, :, -1].max() > 2 / p.shape[-1]  # far from uniform: positions matter
+  np.testing.assert_allclose(o_cmp, ref, atol=1e-4)
+  for wrong in (ends - l + 1, np.zeros_like(ends)):  # block start (another implementation's choice) or unrotated
+    assert np.abs(np_compressed_attention(q, np_rope(kc, theta, wrong), vc, ends)[0] - o_cmp).max() > 5e-2
+  # the same sequence shifted by 1000 positions attends identically (relative positions only)
+  shifted = run(module, x, rope.context(jnp.broadcast_to(jnp.arange(t) + 1000, (2, t))))
+  np.testing.assert_allclose(np.asarray(shifted), o_cmp, atol=2e-3)
 
 
 def test_param_count_matches_the_formula():
@@ -392,6 +407,7 @@ def test_tiny_nsa_trains_with_falling_loss(tmp_path):
   c = nsa_config.get_config("tiny")
   c.train.steps, c.train.warmup_steps, c.train.log_every, c.train.eval_every, c.train.eval_batches = 30, 5, 1, 0, 1
   c.train.micro_batch, c.data.seq_len = 4, 64
+  c.data.tokenizer, c.data.max_corpus_mb = "bytes", 2.0  # no BPE to train on a cold cache
   summary = train_and_evaluate(c, tmp_path)
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   losses = [r["loss"] for r in rows if r["split"] == "train"]
