@@ -61,6 +61,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   a.nsa.select_block = 16 if tiny else 64  # l'
   a.nsa.num_selected = 4  # n, counting the first block and the local blocks
   a.nsa.window = 32 if tiny else 128  # w
+  a.nsa.local_blocks = 2  # blocks ending at the query's own block that are always selected (paper: 2)
+  a.nsa.query_chunk = 0  # queries per chunk of the compressed/selected scan; 0 = auto (memory-bounded)
 
   c.position = p = ml_collections.ConfigDict()
   p.kind = "rope"  # rope | sinusoidal | learned | relative | alibi | none (models/positional.py)

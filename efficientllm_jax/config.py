@@ -11,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
+ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla", "nsa")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 POSITION_KINDS = ("rope", "sinusoidal", "learned", "relative", "alibi", "none")
 BIAS_POSITION_KINDS = ("relative", "alibi")  # logit-bias schemes (ctx.bias)
@@ -210,13 +210,9 @@ def validate_position_kinds(c) -> None:
   if kind in BIAS_POSITION_KINDS and c.attention.impl == "cudnn":
     raise ConfigError(f"position.kind={kind!r} adds a logit bias that the cuDNN path cannot take without a dense "
                       "[B,H,T,T] tensor: use --config.attention.impl=auto (falls back to xla) or xla")
-  if c.attention.kind == "mla" and kind != "rope":
-    raise ConfigError(f"attention.kind='mla' carries its own decoupled RoPE key (attention.mla.qk_rope_head_dim), "
-                      f"so position.kind={kind!r} would mix two schemes: use position.kind=rope with MLA")
+  # MLA with a non-rope kind is defined (models/attention/mla.py): its decoupled q/k dims stay unrotated.
 
 
-VALIDATORS = [validate_model, validate_attention, validate_position, validate_ffn, validate_data, validate_train,
-              validate_position_kinds, validate_metrics, validate_mesh]
 
 
 def validate_moe(c) -> None:
@@ -248,7 +244,6 @@ def validate_moe(c) -> None:
                       "set --config.moe.num_shared_experts=1 or turn the gate off")
 
 
-VALIDATORS.append(validate_moe)
 
 
 def validate_mla(c) -> None:
@@ -267,7 +262,40 @@ def validate_mla(c) -> None:
                       f"set --config.attention.mla.qk_rope_head_dim={rope + 1}")
 
 
-VALIDATORS.append(validate_mla)
+
+
+def validate_nsa(c) -> None:
+  """NSA geometry (models/attention/nsa.py): block l, stride d, selection block l', n selected, window w."""
+  if c.attention.kind != "nsa":
+    return
+  keys = ("compress_block", "compress_stride", "select_block", "num_selected", "window", "local_blocks")
+  l, d, ls, n, w, local = (_positive_int(c, f"attention.nsa.{k}") for k in keys)
+  chunk = _non_negative(c, "attention.nsa.query_chunk")
+  if isinstance(chunk, float) and not chunk.is_integer():
+    raise ConfigError(f"attention.nsa.query_chunk={chunk} must be a whole number of queries (0 = auto)")
+  if d > l:
+    raise ConfigError(f"attention.nsa.compress_stride={d} exceeds attention.nsa.compress_block={l}: tokens between "
+                      f"blocks would never be compressed; use a stride <= the block (EfficientLLM: {l // 2})")
+  if l % d:
+    raise ConfigError(f"attention.nsa.compress_block={l} is not a multiple of attention.nsa.compress_stride={d}: "
+                      f"choose a stride dividing the block ({_divisors(l)})")
+  if ls % d:
+    raise ConfigError(f"attention.nsa.select_block={ls} is not a multiple of attention.nsa.compress_stride={d}: "
+                      "the score remap sums whole strides; use a multiple of the stride (paper: 64 with stride 16)")
+  if n < 1 + local:
+    raise ConfigError(f"attention.nsa.num_selected={n} cannot hold the first block plus "
+                      f"attention.nsa.local_blocks={local} local blocks: set num_selected >= {1 + local}")
+  if c.attention.window:
+    raise ConfigError(f"attention.window={c.attention.window} is the GQA sliding window; NSA's window is "
+                      "attention.nsa.window: set --config.attention.window=0")
+  t = c.data.seq_len
+  if t < l or t < ls:
+    raise ConfigError(f"data.seq_len={t} is shorter than one NSA block (compress_block={l}, select_block={ls}): "
+                      f"lower the blocks or raise data.seq_len to >= {max(l, ls)}")
+
+
+VALIDATORS = [validate_model, validate_attention, validate_mla, validate_nsa, validate_position, validate_position_kinds,
+              validate_ffn, validate_moe, validate_data, validate_train, validate_metrics, validate_mesh]
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -2,8 +2,9 @@
 
 from efficientllm_jax.models.attention.gqa import GQAAttention
 from efficientllm_jax.models.attention.mla import MLA
+from efficientllm_jax.models.attention.nsa import NSAAttention
 
-ATTENTIONS = {"mha": GQAAttention, "gqa": GQAAttention, "mqa": GQAAttention, "mla": MLA}
+ATTENTIONS = {"mha": GQAAttention, "gqa": GQAAttention, "mqa": GQAAttention, "mla": MLA, "nsa": NSAAttention}
 
 
 def make_attention(cfg, *, rngs):
