@@ -284,5 +284,5 @@ def test_mla_with_a_non_rope_kind_is_defined(kind):
   c = base.get_config("tiny")
   c.attention.kind, c.position.kind = "mla", kind
   config_lib.validate(c)
-  ctx = positional.make_position(c, rngs=nnx.Rngs(0)).context(jnp.zeros((1, 4), jnp.int32))
+  ctx = pos.make_position(c, rngs=nnx.Rngs(0)).context(jnp.zeros((1, 4), jnp.int32))
   assert ctx.cos is None
