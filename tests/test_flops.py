@@ -98,7 +98,7 @@ def test_nsa():
                + 3 * 2 * (2 * D * 32)  # own k and v per branch, 2 kv heads x 16
                + 2 * D * 3 * H  # gates: one per branch per head
                + 2 * 64 * D)  # o
-  phi = blocks * 2 * 2 * (2 * 8 * HD * HD)  # k and v, 2 kv heads, (8 x 16) -> 16 linear
+  phi = blocks * 2 * 2 * (2 * (8 * HD * HD + HD * HD))  # k and v, 2 kv heads, (8 x 16) -> 16 -> 16 MLP
   core = (cmp + slc + win) * H * (2 * HD + 2 * HD)
   fwd = L * (T * per_token + phi + core + T * DENSE_FFN) + T * HEAD
   assert flops.training_flops_per_step(c) == per_step(fwd)

@@ -19,8 +19,9 @@ Conventions (the numbers MFU divides by):
     Core: d_qk = nope + rope, d_v = v_head_dim.
   - nsa: one shared q projection and o projection (as gqa); each of the three branches (compressed, selected,
     window) has its own k and v projections (hidden -> kv_heads*head_dim, x 3 branches x 2); gates are one
-    hidden -> 3*heads linear (+ sigmoid); the compression MLP phi is counted as one linear (l*head_dim ->
-    head_dim) per block, per kv head, for k and for v, over the floor((T - l)/d) + 1 blocks of a sequence.
+    hidden -> 3*heads linear (+ sigmoid); the compression MLP phi (models/attention/nsa.CompressMLP) is two
+    linears (l*head_dim -> head_dim -> head_dim) per block, per kv head, for k and for v, over the
+    floor((T - l)/d) + 1 blocks of a sequence.
     Attended tokens for query i (0-based) per head:
       compressed  floor((i + 1 - l)/d) + 1 blocks that end at or before i (0 while i + 1 < l)   ~ t/d
       selected    i + 1 while at most n blocks exist, else (n - 1)*l' full blocks + the (i mod l') + 1 visible
@@ -127,7 +128,7 @@ def _attention_flops(cfg, t: int, dense_attention: bool) -> tuple[float, float]:
   if a.kind == "nsa":
     n = a.nsa
     proj = 2 * t * (d * h * hd + 3 * 2 * d * kv * hd + d * 3 * h + h * hd * d)
-    phi = 2 * nsa_num_blocks(t, n.compress_block, n.compress_stride) * kv * 2 * (n.compress_block * hd) * hd
+    phi = 2 * nsa_num_blocks(t, n.compress_block, n.compress_stride) * kv * 2 * (n.compress_block * hd + hd) * hd
     if dense_attention:  # a masked reference: compressed keys in full, raw keys in full for slc and win
       attended = t * nsa_num_blocks(t, n.compress_block, n.compress_stride) + 2 * t * t
     else:
