@@ -2,6 +2,7 @@
 
 Per-step wall times come from the moments step t-1's scalars arrive (the device is kept one step ahead);
 step 0 carries compilation and is reported apart as compile time. Non-finite loss stops the run with a message.
+Checkpoints (train/checkpoint.py): a workdir whose checkpoints/ holds a finished checkpoint resumes from it.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from efficientllm_jax import config as config_lib
 from efficientllm_jax.data import pipeline
 from efficientllm_jax.metrics.writers import MetricWriter, progress_line
 from efficientllm_jax.models.transformer import param_counts
+from efficientllm_jax.train import checkpoint as checkpoint_lib
 from efficientllm_jax.train import step as step_lib
 
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "tb")
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "tb", checkpoint_lib.CHECKPOINTS)
 
 
 class TrainingDiverged(RuntimeError):
@@ -32,15 +34,26 @@ class WorkdirError(ValueError):
   """The workdir already holds a run; str(err) is the one line to show."""
 
 
-def prepare_workdir(workdir: Path, *, overwrite: bool) -> None:
-  """Refuses to mix with an earlier run; with overwrite=True moves it aside into previous-<time>/ (never deletes)."""
-  workdir.mkdir(parents=True, exist_ok=True)
+def prepare_workdir(workdir: Path, *, overwrite: bool) -> int | None:
+  """Returns the step to resume from when the workdir holds checkpoints, else None; refuses to mix with an earlier
+  run that has none; with overwrite=True moves an earlier run aside into previous-<time>/ (never deletes)."""
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / ".write-test").touch()
+    (workdir / ".write-test").unlink()
+  except OSError as e:
+    raise WorkdirError(f"workdir {workdir} is not writable ({e.strerror or e}): pick a --workdir you can write "
+                       "to") from None
   existing = [f for f in RUN_FILES if (workdir / f).exists()]
   if not existing:
-    return
+    return None
   if not overwrite:
-    raise WorkdirError(f"workdir {workdir} already holds a run ({', '.join(existing)}): pick a new --workdir, "
-                       "or pass --overwrite to move the old run into a previous-<time>/ subfolder")
+    resume = checkpoint_lib.latest_step(workdir / checkpoint_lib.CHECKPOINTS)
+    if resume is not None:
+      return resume
+    raise WorkdirError(f"workdir {workdir} already holds a run ({', '.join(existing)}) without checkpoints to "
+                       "resume: pick a new --workdir, or pass --overwrite to move the old run into a "
+                       "previous-<time>/ subfolder")
   backup = workdir / time.strftime("previous-%Y%m%d-%H%M%S")
   backup.mkdir()
   for f in existing:
@@ -77,7 +90,21 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False) -> 
   """Trains `cfg` (validated here first) in `workdir`; returns the summary written to summary.json."""
   config_lib.validate(cfg)
   workdir = Path(workdir)
-  prepare_workdir(workdir, overwrite=overwrite)
+  # --- checkpoints: resume a workdir that has them (train/checkpoint.py) ---
+  resume = prepare_workdir(workdir, overwrite=overwrite)
+  ckpt = checkpoint_lib.Checkpointer(cfg, workdir)
+  if resume is not None:
+    if resume >= cfg.train.steps:
+      ckpt.close()
+      if resume == cfg.train.steps and (workdir / "summary.json").exists():
+        print(f"workdir {workdir} holds a finished run (step {resume} of {resume}): nothing to do; raise "
+              "--config.train.steps to continue it, or pass --overwrite to start over")
+        return json.loads((workdir / "summary.json").read_text())
+      raise WorkdirError(f"workdir {workdir} has a checkpoint at step {resume}, past train.steps="
+                         f"{cfg.train.steps}: raise --config.train.steps to continue, or pass --overwrite")
+    ckpt.check_config(resume)
+    checkpoint_lib.trim_metrics(workdir / "metrics.jsonl", resume)
+  # --- end checkpoints ---
   (workdir / "config.json").write_text(config_lib.to_json(cfg))
   splits = pipeline.make_splits(cfg)
   writer = MetricWriter(workdir)
@@ -91,16 +118,26 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False) -> 
                f"of {cfg.data.seq_len}; {tokens_per_step:,} tokens/step")
 
   try:
-    return _train(cfg, workdir, splits, writer, counts, tokens_per_step)
+    return _train(cfg, workdir, splits, writer, counts, tokens_per_step, ckpt, resume)
   finally:
+    ckpt.close()  # waits for an in-flight async save
     writer.close()
 
 
-def _train(cfg, workdir, splits, writer, counts, tokens_per_step) -> dict:
+def _train(cfg, workdir, splits, writer, counts, tokens_per_step, ckpt, resume) -> dict:
   t = cfg.train
   graphdef, state, train_step, eval_step = step_lib.build(cfg)
   batches = pipeline.train_iterator(splits.train, cfg)
   held_out = pipeline.eval_batches(splits.eval, cfg)
+  # --- checkpoints: restore, or start from init.checkpoint ---
+  start = 0
+  if resume is not None:
+    state, start = ckpt.restore(resume, state, batches), resume
+    writer.print(f"resuming from the checkpoint at step {start} in {ckpt.directory}")
+  elif cfg.init.checkpoint:
+    state = state.replace(params=checkpoint_lib.load_init_params(cfg, state.params))
+    writer.print(f"initial weights: {cfg.init.checkpoint}")
+  # --- end checkpoints ---
 
   step_times, history, evals = [], [], []
   interval: list[float] = []
@@ -138,9 +175,10 @@ def _train(cfg, workdir, splits, writer, counts, tokens_per_step) -> dict:
     writer.print(f"eval @ {step}: loss {e['loss']:.4f} | ppl {e['ppl']:.2f}")
     last_done = time.perf_counter()  # eval time is not step time
 
-  for i in range(t.steps):
+  for i in range(start, t.steps):
     batch = next(batches)
     state, metrics = train_step(state, batch)
+    ckpt.maybe_save(i + 1, state, batches)
     if pending is not None:
       finish(*pending)
     pending = (i, metrics)
@@ -166,4 +204,5 @@ def _train(cfg, workdir, splits, writer, counts, tokens_per_step) -> dict:
   (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   writer.print(f"done: {t.steps} steps | final loss {summary['final_loss']:.4f} | eval ppl {summary['ppl']:.2f} | "
                + (f"{summary['tokens_per_s']:,.0f} tok/s | " if mean_step else "") + f"compile {compile_s:.1f}s")
+  ckpt.save_final(t.steps, state, batches)  # after summary.json: a final checkpoint means a finished run
   return summary

@@ -24,6 +24,9 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  # uint32 key data from train.seed, checkpointed with the rest; a stochastic layer takes its step-t key as
+  # fold_in(wrap_key_data(rng), step), so a resumed run draws the same numbers as an uninterrupted one.
+  rng: Any = None
 
 
 def init_state(cfg, tx: optax.GradientTransformation):
@@ -34,7 +37,8 @@ def init_state(cfg, tx: optax.GradientTransformation):
   def init(seed):
     model = Transformer(cfg, rngs=nnx.Rngs(seed))
     params = nnx.state(model, nnx.Param)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(jax.random.fold_in(seed, 1)))
 
   return graphdef, init(jax.random.key(cfg.train.seed))
 
@@ -70,7 +74,7 @@ def make_train_step(cfg, graphdef, tx):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=lr_fn(state.step))
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return jax.jit(train_step, donate_argnums=0)
 
