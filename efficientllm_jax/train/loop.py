@@ -35,8 +35,9 @@ class WorkdirError(ValueError):
 
 
 def prepare_workdir(workdir: Path, *, overwrite: bool) -> int | None:
-  """Returns the step to resume from when the workdir holds checkpoints, else None; refuses to mix with an earlier
-  run that has none; with overwrite=True moves an earlier run aside into previous-<time>/ (never deletes)."""
+  """Returns the step to resume from when the workdir holds checkpoints (0: a run killed before its first one),
+  else None; refuses to mix with an earlier run without checkpoints; with overwrite=True moves an earlier run aside
+  into previous-<time>/ (never deletes)."""
   try:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / ".write-test").touch()
@@ -48,9 +49,8 @@ def prepare_workdir(workdir: Path, *, overwrite: bool) -> int | None:
   if not existing:
     return None
   if not overwrite:
-    resume = checkpoint_lib.latest_step(workdir / checkpoint_lib.CHECKPOINTS)
-    if resume is not None:
-      return resume
+    if (workdir / checkpoint_lib.CHECKPOINTS).is_dir():
+      return checkpoint_lib.latest_step(workdir / checkpoint_lib.CHECKPOINTS) or 0
     raise WorkdirError(f"workdir {workdir} already holds a run ({', '.join(existing)}) without checkpoints to "
                        "resume: pick a new --workdir, or pass --overwrite to move the old run into a "
                        "previous-<time>/ subfolder")
@@ -102,7 +102,8 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False) -> 
         return json.loads((workdir / "summary.json").read_text())
       raise WorkdirError(f"workdir {workdir} has a checkpoint at step {resume}, past train.steps="
                          f"{cfg.train.steps}: raise --config.train.steps to continue, or pass --overwrite")
-    ckpt.check_config(resume)
+    if resume:
+      ckpt.check_config(resume)
     checkpoint_lib.trim_metrics(workdir / "metrics.jsonl", resume)
   # --- end checkpoints ---
   (workdir / "config.json").write_text(config_lib.to_json(cfg))
@@ -131,10 +132,12 @@ def _train(cfg, workdir, splits, writer, counts, tokens_per_step, ckpt, resume) 
   held_out = pipeline.eval_batches(splits.eval, cfg)
   # --- checkpoints: restore, or start from init.checkpoint ---
   start = 0
-  if resume is not None:
+  if resume:
     state, start = ckpt.restore(resume, state, batches), resume
     writer.print(f"resuming from the checkpoint at step {start} in {ckpt.directory}")
-  elif cfg.init.checkpoint:
+  elif resume == 0:
+    writer.print(f"restarting from step 0: no finished checkpoint in {ckpt.directory}")
+  if not resume and cfg.init.checkpoint:
     state = state.replace(params=checkpoint_lib.load_init_params(cfg, state.params))
     writer.print(f"initial weights: {cfg.init.checkpoint}")
   # --- end checkpoints ---
