@@ -26,7 +26,8 @@ def qwen2_logits(tensors: dict, hf: dict, ids: np.ndarray) -> np.ndarray:
   hd = hf.get("head_dim") or hf["hidden_size"] // n_h
   eps = hf["rms_norm_eps"]
   b, t = ids.shape
-  inv_freq = 1.0 / hf["rope_theta"] ** (np.arange(0, hd, 2) / hd)
+  theta = hf["rope_theta"] if "rope_theta" in hf else hf["rope_parameters"]["rope_theta"]  # transformers 4 / 5
+  inv_freq = 1.0 / theta ** (np.arange(0, hd, 2) / hd)
   freqs = np.arange(t)[:, None] * inv_freq[None, :]
   emb = np.concatenate([freqs, freqs], axis=-1)  # [T, hd]
   cos, sin = np.cos(emb)[None, None], np.sin(emb)[None, None]  # broadcast over [B, H, T, hd]

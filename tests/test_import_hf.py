@@ -86,10 +86,21 @@ def _save_bf16(tensors: dict, path: Path) -> None:
   path.write_bytes(len(h).to_bytes(8, "little") + h + b"".join(blobs))
 
 
+def test_transformers_5_config_layout(tmp_path):
+  """transformers 5 moved rope_theta into rope_parameters; the importer must read it from there."""
+  hf = ref.tiny_hf_config(rope_theta=5e5)
+  v5 = {k: v for k, v in hf.items() if k not in ("rope_theta", "rope_scaling")}
+  v5 |= {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}, "layer_types": ["full_attention"] * 2}
+  ref.write_hf_dir(tmp_path / "hf", v5, ref.random_qwen2_tensors(hf))
+  assert import_hf.import_checkpoint(tmp_path / "hf", tmp_path / "ckpt")["position"]["rope_theta"] == 5e5
+
+
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "llama"}, r"model_type='llama'; only Qwen2 / Qwen2.5"),
     ({"tie_word_embeddings": False}, r"tie_word_embeddings=false .* is not supported"),
     ({"rope_scaling": {"type": "yarn", "factor": 4}}, r"rope_scaling=.* is not implemented"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2}}, r"rope_parameters=.* is not implemented"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, r"per-layer windows"),
     ({"use_sliding_window": True}, r"use_sliding_window=true"),
     ({"hidden_act": "gelu"}, r"hidden_act='gelu'"),
     ({"num_hidden_layers": 3}, r"no tensor 'model.layers.2.input_layernorm.weight'"),
@@ -183,3 +194,13 @@ def test_transformers_fixture_logits(tmp_path):
   # ... and so does the imported model.
   import_hf.import_checkpoint(FIXTURE, tmp_path / "ckpt")
   assert rel_err(imported_logits(tmp_path / "ckpt", ids), want) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="Qwen2.5-0.5B-sized parity runs on a GPU machine")
+def test_qwen25_05b_parity_with_transformers():
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  r = subprocess.run([sys.executable, "benchmarks/hf_parity_0_5b.py"], cwd=ROOT, capture_output=True, text=True,
+                     timeout=1800)
+  assert r.returncode == 0 and "PASS" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]

@@ -35,9 +35,11 @@ def read_hf_config(hf_dir: Path) -> dict:
     raise ConversionError(f"{path}: model_type={kind!r}; only Qwen2 / Qwen2.5 (model_type 'qwen2') is supported")
   if hf.get("hidden_act", "silu") != "silu":
     raise ConversionError(f"{path}: hidden_act={hf['hidden_act']!r}; the model's SwiGLU uses silu")
-  if hf.get("rope_scaling"):
-    raise ConversionError(f"{path}: rope_scaling={hf['rope_scaling']!r} is not implemented (plain RoPE only)")
-  if hf.get("use_sliding_window"):
+  for key in ("rope_scaling", "rope_parameters"):  # transformers 5 writes rope_parameters (rope_scaling aliases it)
+    rope = hf.get(key) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default" or rope.get("partial_rotary_factor", 1) != 1:
+      raise ConversionError(f"{path}: {key}={rope!r} is not implemented (plain full-width RoPE only)")
+  if hf.get("use_sliding_window") or any(t != "full_attention" for t in hf.get("layer_types") or []):
     raise ConversionError(f"{path}: use_sliding_window=true (per-layer windows) is not implemented")
   if not hf.get("tie_word_embeddings", False):
     raise ConversionError(f"{path}: tie_word_embeddings=false (a separate lm_head, e.g. Qwen2.5-7B) is not "
@@ -66,8 +68,9 @@ def fields_from_hf(hf: dict) -> dict:
   m["qkv_bias"], m["tie_embeddings"] = True, True
   h, kv = m["num_heads"], m["num_kv_heads"]
   kind = "mha" if kv == h else "mqa" if kv == 1 else "gqa"
-  return {"model": m, "position": {"kind": "rope", "rope_theta": float(hf.get("rope_theta", 10000.0)),
-                                   "rope_fraction": 1.0},
+  # transformers < 5 writes rope_theta at the top level, 5 inside rope_parameters
+  theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+  return {"model": m, "position": {"kind": "rope", "rope_theta": float(theta), "rope_fraction": 1.0},
           "attention": {"kind": kind, "window": 0}, "ffn": {"kind": "dense"}}
 
 
