@@ -88,12 +88,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   mo.shared_expert_gate = False  # Qwen2-MoE's per-token sigmoid gate on the shared output
 
   c.data = d = ml_collections.ConfigDict()
-  d.source = "embedded"  # embedded: the running Python's standard-library sources
-  d.tokenizer = "bpe"  # bpe (byte-level BPE trained on the corpus, cached) | bytes
+  d.source = "embedded"  # embedded: the running Python's standard-library sources | arrayrecord: data.path
+  d.path = ""  # arrayrecord: a directory written by `python -m efficientllm_jax.data.prepare`
+  d.workers = 0  # grain worker processes reading/decoding records (0 = threads in the training process)
+  d.tokenizer = "bpe"  # embedded only (arrayrecord: the prepared tokenizer): bpe (byte-level BPE trained on the corpus, cached) | bytes
   d.bpe_vocab_size = 4096
   d.max_corpus_mb = 8.0 if tiny else 0.0  # 0 = whole corpus
   d.seq_len = 128 if tiny else 8192
-  d.eval_fraction = 0.02
+  d.eval_fraction = 0.02  # embedded only (arrayrecord: prepare's --eval_fraction made the held-out shards)
   d.shuffle_seed = 0
   d.cache_dir = ""  # "" = ~/.cache/efficientllm_jax (or $EFFICIENTLLM_CACHE)
   d.prefetch = 2
@@ -135,7 +137,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   pr.start_step = 5  # first traced step
   pr.num_steps = 0  # steps traced; 0 = off
 
-  c.checkpoint = ml_collections.ConfigDict()  # orbax checkpointing (train/checkpoint.py)
+  c.checkpoint = ck = ml_collections.ConfigDict()  # orbax checkpointing (train/checkpoint.py)
+  ck.every = 100 if tiny else 500  # save every N steps and at the end; 0 = no checkpoints (no resume)
+  ck.keep = 3  # most recent checkpoints kept
+  ck.async_save = True  # write in a background thread while training goes on
 
   c.init = ml_collections.ConfigDict()  # initial weights (e.g. imported Qwen2.5)
+  c.init.checkpoint = ""  # a directory written by `python -m efficientllm_jax.tools.import_hf` ("" = random init)
   return c

@@ -19,7 +19,7 @@ FFN_KINDS = ("dense", "moe")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 TOKENIZERS = ("bpe", "bytes")
-DATA_SOURCES = ("embedded",)
+DATA_SOURCES = ("embedded", "arrayrecord")
 
 
 class ConfigError(ValueError):
@@ -105,9 +105,12 @@ def validate_ffn(c) -> None:
 
 
 def validate_data(c) -> None:
-  _one_of(c, "data.source", DATA_SOURCES)
-  tok = _one_of(c, "data.tokenizer", TOKENIZERS)
+  source = _one_of(c, "data.source", DATA_SOURCES)
   _positive_int(c, "data.seq_len")
+  if source == "arrayrecord":
+    validate_arrayrecord(c)
+    return
+  tok = _one_of(c, "data.tokenizer", TOKENIZERS)
   if tok == "bpe":
     v = _positive_int(c, "data.bpe_vocab_size")
     if v < 260:
@@ -294,8 +297,33 @@ def validate_nsa(c) -> None:
                       f"lower the blocks or raise data.seq_len to >= {max(l, ls)}")
 
 
+def validate_arrayrecord(c) -> None:
+  """data.source='arrayrecord': the tokenizer and held-out split were fixed by `data.prepare` (checked at load)."""
+  if not isinstance(_get(c, "data.path"), str) or not c.data.path:
+    raise ConfigError("data.source='arrayrecord' needs data.path: set --config.data.path=DIR, a directory written "
+                      "by python -m efficientllm_jax.data.prepare")
+  workers = _non_negative(c, "data.workers")
+  if workers != int(workers):
+    raise ConfigError(f"data.workers={workers!r} must be a whole number of processes (0 = read in-process)")
+
+
+def validate_checkpoint(c) -> None:
+  every = _non_negative(c, "checkpoint.every")
+  if every != int(every):
+    raise ConfigError(f"checkpoint.every={every!r} must be a whole number of steps (0 = no checkpoints)")
+  _positive_int(c, "checkpoint.keep")
+  if not isinstance(_get(c, "checkpoint.async_save"), bool):
+    raise ConfigError(f"checkpoint.async_save={c.checkpoint.async_save!r} must be True or False")
+
+
+def validate_init(c) -> None:
+  if not isinstance(_get(c, "init.checkpoint"), str):
+    raise ConfigError(f"init.checkpoint={c.init.checkpoint!r} must be a path string (\"\" = random init)")
+
+
 VALIDATORS = [validate_model, validate_attention, validate_mla, validate_nsa, validate_position, validate_position_kinds,
-              validate_ffn, validate_moe, validate_data, validate_train, validate_metrics, validate_mesh]
+              validate_ffn, validate_moe, validate_data, validate_train, validate_metrics, validate_mesh,
+              validate_checkpoint, validate_init]
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

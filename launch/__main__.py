@@ -8,6 +8,8 @@ from ml_collections import config_flags
 from efficientllm_jax import config as config_lib
 from efficientllm_jax.data.pipeline import DataError
 from efficientllm_jax.parallel import distributed
+from efficientllm_jax.tools.convert import ConversionError
+from efficientllm_jax.train.checkpoint import CheckpointError
 from efficientllm_jax.train.loop import TrainingDiverged, WorkdirError, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py:tiny", "Config file[:preset].",
@@ -16,7 +18,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json, met
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Move an earlier run in --workdir aside instead of refusing.")
 flags.mark_flags_as_required(["workdir"])
 
-USER_ERRORS = (config_lib.ConfigError, DataError, WorkdirError, TrainingDiverged)
+USER_ERRORS = (config_lib.ConfigError, DataError, WorkdirError, TrainingDiverged, CheckpointError, ConversionError)
 
 
 def main(argv):

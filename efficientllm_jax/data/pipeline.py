@@ -1,8 +1,8 @@
 """Token streams -> packed fixed-length sequences -> grain pipeline (shuffle, batch, held-out split).
 
 A source is anything with `__len__` and `__getitem__(i) -> {"inputs": int32[T], "targets": int32[T]}`;
-`PackedTokens` packs one long token stream (documents joined by EOT) into windows of T+1 tokens with stride T.
-Later sources (ArrayRecord shards from `data.prepare`) slot in beside it through `make_source`.
+`PackedTokens` packs one long token stream (documents joined by EOT) into windows of T+1 tokens with stride T;
+`ArrayRecordTokens` reads the same windows from the shards `data.prepare` writes (data.source='arrayrecord').
 """
 
 from __future__ import annotations
@@ -14,13 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grain
+import jax
 import numpy as np
 
-from efficientllm_jax.data import corpus, tokenizer as tokenizer_lib
-
-
-class DataError(ValueError):
-  """A data problem the user can fix; str(err) is the one line to show."""
+from efficientllm_jax.data import corpus, records, tokenizer as tokenizer_lib
+from efficientllm_jax.data.records import DataError  # noqa: F401 (re-exported: launch catches pipeline.DataError)
 
 
 def cache_dir(cfg) -> Path:
@@ -94,11 +92,90 @@ def embedded_splits(cfg) -> Splits:
   return Splits(PackedTokens(train, d.seq_len), PackedTokens(evals, d.seq_len), tok.get_vocab_size(), desc)
 
 
+class ArrayRecordTokens:
+  """Random-access (inputs, targets) windows from prepared ArrayRecord shards; picklable for grain workers."""
+
+  def __init__(self, root: Path, files: list[str], meta: dict, vocab_limit: int):
+    from grain.sources import ArrayRecordDataSource
+    self.paths = [str(root / f) for f in files]
+    self.source = ArrayRecordDataSource(self.paths)
+    self.dtype, self.record_len = np.dtype(meta["dtype"]), int(meta["record_len"])
+    self.vocab_limit = vocab_limit
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    w = self.decode(self.source[int(i)], i)
+    return {"inputs": w[:-1], "targets": w[1:]}
+
+  def decode(self, raw: bytes, i) -> np.ndarray:
+    if len(raw) != self.record_len * self.dtype.itemsize:
+      raise DataError(f"record {i} of {Path(self.paths[0]).parent} holds {len(raw)} bytes, not "
+                      f"{self.record_len} x {self.dtype}: the dataset is corrupt, re-run data.prepare with --overwrite")
+    w = np.frombuffer(raw, self.dtype).astype(np.int32)
+    if w.max() >= self.vocab_limit:
+      raise DataError(f"record {i} of {Path(self.paths[0]).parent} holds token id {w.max()} >= model.vocab_size="
+                      f"{self.vocab_limit}: set --config.model.vocab_size >= {w.max() + 1}")
+    return w
+
+
+def _open_split(root: Path, meta: dict, split: str, vocab_limit: int) -> ArrayRecordTokens | None:
+  entries = meta[split]["shards"]
+  if not entries:
+    return None
+  missing = [e["file"] for e in entries if not (root / e["file"]).is_file()]
+  if missing:
+    raise DataError(f"data.path={str(root)!r} lacks {len(missing)} {split} shard(s) listed in its metadata "
+                    f"(first: {missing[0]}): re-run data.prepare with --overwrite")
+  try:
+    src = ArrayRecordTokens(root, [e["file"] for e in entries], meta, vocab_limit)
+    # Touch both ends of every shard: a truncated or foreign file fails here, not hours into training.
+    first = 0
+    for e in entries:
+      for i in {first, first + e["sequences"] - 1}:
+        src.decode(src.source[i], i)
+      first += e["sequences"]
+  except DataError:
+    raise
+  except Exception as e:  # array_record raises RuntimeError/ValueError with multi-line C++ status text
+    raise DataError(f"data.path={str(root)!r}: the {split} shards are unreadable "
+                    f"({str(e).splitlines()[0][:200]}): re-run data.prepare with --overwrite") from None
+  if len(src) != meta[split]["sequences"]:
+    raise DataError(f"data.path={str(root)!r}: the {split} shards hold {len(src)} sequences but metadata.json says "
+                    f"{meta[split]['sequences']}: re-run data.prepare with --overwrite")
+  return src
+
+
+def arrayrecord_splits(cfg) -> Splits:
+  """The train / held-out shards of a `data.prepare` output directory, checked against the config."""
+  root = Path(cfg.data.path).expanduser()
+  meta = records.read_metadata(root)
+  if meta["seq_len"] != cfg.data.seq_len:
+    raise DataError(f"data.path={str(root)!r} was prepared with seq_len={meta['seq_len']} but data.seq_len="
+                    f"{cfg.data.seq_len}: set --config.data.seq_len={meta['seq_len']} or re-run data.prepare")
+  if meta["max_token_id"] >= cfg.model.vocab_size:
+    raise DataError(f"data.path={str(root)!r} holds token ids up to {meta['max_token_id']} but model.vocab_size="
+                    f"{cfg.model.vocab_size}: set --config.model.vocab_size >= {meta['max_token_id'] + 1}")
+  train = _open_split(root, meta, "train", cfg.model.vocab_size)
+  evals = _open_split(root, meta, "eval", cfg.model.vocab_size)
+  if train is None:
+    raise DataError(f"data.path={str(root)!r} holds no training sequences: add data or lower seq_len in data.prepare")
+  if evals is None:
+    raise DataError(f"data.path={str(root)!r} holds no held-out sequences: re-run data.prepare with a larger "
+                    "--eval_fraction (eval loss and PPL need them)")
+  tok = Path(str(meta["tokenizer"])).name if meta["tokenizer"] != "bytes" else "bytes"
+  desc = (f"{root} ({meta['documents']:,} documents, {tok} tokenizer, {meta['train']['tokens']:,} train tokens)")
+  return Splits(train, evals, int(meta["vocab_size"]), desc)
+
+
 def make_splits(cfg) -> Splits:
   if cfg.data.source == "embedded":
     splits = embedded_splits(cfg)
+  elif cfg.data.source == "arrayrecord":
+    splits = arrayrecord_splits(cfg)
   else:
-    raise DataError(f"data.source={cfg.data.source!r} is not known: use 'embedded'")
+    raise DataError(f"data.source={cfg.data.source!r} is not known: use 'embedded' or 'arrayrecord'")
   if splits.vocab_size > cfg.model.vocab_size:
     raise DataError(f"the tokenizer has {splits.vocab_size} ids but model.vocab_size={cfg.model.vocab_size}: "
                     f"set --config.model.vocab_size >= {splits.vocab_size}")
@@ -114,16 +191,45 @@ def make_splits(cfg) -> Splits:
   return splits
 
 
-def train_iterator(source, cfg, *, start_step: int = 0):
-  """Endless shuffled batches shaped [grad_accum, micro_batch, T], prefetched on a background thread."""
+class _Split(grain.transforms.Map):
+  """[rows, T] -> [grad_accum, rows / grad_accum, T] (a class, not a lambda: worker processes pickle it)."""
+
+  def __init__(self, accum: int):
+    self.accum = accum
+
+  def map(self, x):
+    return {k: v.reshape(self.accum, -1, v.shape[-1]) for k, v in x.items()}
+
+
+def train_iterator(source, cfg, *, start_step: int = 0, process_index: int | None = None,
+                   process_count: int | None = None):
+  """Endless shuffled batches shaped [grad_accum, micro_batch / processes, T]: a checkpointable grain iterator.
+
+  Each process reads every process_count-th sequence (its own shard) and makes its part of the global batch; the
+  epoch order comes from data.shuffle_seed alone, so a run's data order is the same after a restart. With
+  data.workers > 0, worker processes read and decode; otherwise a prefetch thread does.
+  `it.get_state()` / `it.set_state()` (train/checkpoint.py saves them) resume at the exact batch."""
   a, b = cfg.train.grad_accum, cfg.train.micro_batch
-  ds = (grain.MapDataset.source(source)
-        .shuffle(seed=cfg.data.shuffle_seed)
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if b % count:
+    raise DataError(f"train.micro_batch={b} does not split over {count} processes: use a multiple of {count}")
+  ds = grain.MapDataset.source(source)
+  if count > 1:
+    ds = ds[index::count]
+  ds = (ds.shuffle(seed=cfg.data.shuffle_seed)
         .repeat()
-        .batch(a * b, drop_remainder=True)
-        .map(lambda x: {k: v.reshape(a, b, -1) for k, v in x.items()}))
+        .batch(a * b // count, drop_remainder=True)
+        .map(_Split(a)))
   ds = ds[start_step:]
-  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(1, cfg.data.prefetch))))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(1, cfg.data.prefetch)))
+  workers = int(cfg.data.get("workers", 0))
+  if workers:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain's worker setup reads its absl flags (unparsed under pytest)
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return iter(it)
 
 
 def eval_batches(source, cfg) -> list[dict[str, np.ndarray]]:

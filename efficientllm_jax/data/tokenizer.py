@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOT = "<|endoftext|>"
@@ -49,3 +50,38 @@ def get_tokenizer(kind: str, *, vocab_size: int, texts: list[str], cache_path: P
     tok.save(str(tmp))
     tmp.replace(cache_path)  # atomic: a concurrent reader never sees half a file
   return tok
+
+
+def bytes_to_unicode() -> dict[int, str]:
+  """GPT-2's byte -> printable character map (the ByteLevel alphabet): printable Latin-1 bytes map to themselves,
+  the other 68 bytes to the characters from U+0100 upward, in byte order."""
+  keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+  out, extra = {b: chr(b) for b in keep}, 0
+  for b in range(256):
+    if b not in out:
+      out[b] = chr(256 + extra)
+      extra += 1
+  return out
+
+
+def byte_table(tok: Tokenizer) -> np.ndarray:
+  """[256] ids: the byte tokenizer's id of each raw byte, so UTF-8 bytes map to ids with one numpy gather."""
+  vocab = tok.get_vocab()
+  return np.asarray([vocab[ch] for _, ch in sorted(bytes_to_unicode().items())], dtype=np.uint32)
+
+
+def load(spec: str) -> Tokenizer:
+  """`bytes` (the built-in byte-level tokenizer) or a Hugging Face tokenizer.json, given as the file or its directory.
+
+  Raises FileNotFoundError / ValueError with a one-line message."""
+  if spec == "bytes":
+    return byte_tokenizer()
+  path = Path(spec).expanduser()
+  if path.is_dir():
+    path = path / "tokenizer.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"tokenizer {spec!r} not found: pass 'bytes' or a tokenizer.json (or its directory)")
+  try:
+    return Tokenizer.from_file(str(path))
+  except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+    raise ValueError(f"tokenizer {str(path)!r} is not a valid tokenizer.json ({str(e).splitlines()[0]})") from None

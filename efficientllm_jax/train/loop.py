@@ -3,11 +3,13 @@
 Per-step wall times come from the moments step t-1's scalars arrive (the device is kept one step ahead);
 step 0 carries compilation and is reported apart as compile time. Non-finite loss stops the run with a message.
 Timing, device sampling, profiling and summary.json belong to metrics/efficiency.py's `Efficiency` (`eff`):
-the loop only calls its hooks.
+the loop only calls its hooks. Checkpoints (train/checkpoint.py): a workdir whose checkpoints/ holds a finished
+checkpoint resumes from it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -21,9 +23,10 @@ from efficientllm_jax.data import pipeline
 from efficientllm_jax.metrics.efficiency import Efficiency
 from efficientllm_jax.metrics.writers import MetricWriter, progress_line
 from efficientllm_jax.models.transformer import param_counts
+from efficientllm_jax.train import checkpoint as checkpoint_lib
 from efficientllm_jax.train import step as step_lib
 
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "tb")
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "tb", checkpoint_lib.CHECKPOINTS)
 
 
 class TrainingDiverged(RuntimeError):
@@ -34,15 +37,26 @@ class WorkdirError(ValueError):
   """The workdir already holds a run; str(err) is the one line to show."""
 
 
-def prepare_workdir(workdir: Path, *, overwrite: bool) -> None:
-  """Refuses to mix with an earlier run; with overwrite=True moves it aside into previous-<time>/ (never deletes)."""
-  workdir.mkdir(parents=True, exist_ok=True)
+def prepare_workdir(workdir: Path, *, overwrite: bool) -> int | None:
+  """Returns the step to resume from when the workdir holds checkpoints (0: a run killed before its first one),
+  else None; refuses to mix with an earlier run without checkpoints; with overwrite=True moves an earlier run aside
+  into previous-<time>/ (never deletes)."""
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / ".write-test").touch()
+    (workdir / ".write-test").unlink()
+  except OSError as e:
+    raise WorkdirError(f"workdir {workdir} is not writable ({e.strerror or e}): pick a --workdir you can write "
+                       "to") from None
   existing = [f for f in RUN_FILES if (workdir / f).exists()]
   if not existing:
-    return
+    return None
   if not overwrite:
-    raise WorkdirError(f"workdir {workdir} already holds a run ({', '.join(existing)}): pick a new --workdir, "
-                       "or pass --overwrite to move the old run into a previous-<time>/ subfolder")
+    if (workdir / checkpoint_lib.CHECKPOINTS).is_dir():
+      return checkpoint_lib.latest_step(workdir / checkpoint_lib.CHECKPOINTS) or 0
+    raise WorkdirError(f"workdir {workdir} already holds a run ({', '.join(existing)}) without checkpoints to "
+                       "resume: pick a new --workdir, or pass --overwrite to move the old run into a "
+                       "previous-<time>/ subfolder")
   backup = workdir / time.strftime("previous-%Y%m%d-%H%M%S")
   backup.mkdir()
   for f in existing:
@@ -79,7 +93,22 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False) -> 
   """Trains `cfg` (validated here first) in `workdir`; returns the summary written to summary.json."""
   config_lib.validate(cfg)
   workdir = Path(workdir)
-  prepare_workdir(workdir, overwrite=overwrite)
+  # --- checkpoints: resume a workdir that has them (train/checkpoint.py) ---
+  resume = prepare_workdir(workdir, overwrite=overwrite)
+  ckpt = checkpoint_lib.Checkpointer(cfg, workdir)
+  if resume is not None:
+    if resume >= cfg.train.steps:
+      ckpt.close()
+      if resume == cfg.train.steps and (workdir / "summary.json").exists():
+        print(f"workdir {workdir} holds a finished run (step {resume} of {resume}): nothing to do; raise "
+              "--config.train.steps to continue it, or pass --overwrite to start over")
+        return json.loads((workdir / "summary.json").read_text())
+      raise WorkdirError(f"workdir {workdir} has a checkpoint at step {resume}, past train.steps="
+                         f"{cfg.train.steps}: raise --config.train.steps to continue, or pass --overwrite")
+    if resume:
+      ckpt.check_config(resume)
+    checkpoint_lib.trim_metrics(workdir / "metrics.jsonl", resume)
+  # --- end checkpoints ---
   (workdir / "config.json").write_text(config_lib.to_json(cfg))
   splits = pipeline.make_splits(cfg)
   writer = MetricWriter(workdir)
@@ -94,17 +123,29 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False) -> 
 
   try:
     with Efficiency(cfg, counts, workdir=workdir, writer=writer) as eff:  # sampler, compile timer, profiler
-      return _train(cfg, workdir, splits, writer, eff)
+      return _train(cfg, splits, writer, eff, ckpt, resume)
   finally:
+    ckpt.close()  # waits for an in-flight async save
     writer.close()
 
 
-def _train(cfg, workdir, splits, writer, eff: Efficiency) -> dict:
+def _train(cfg, splits, writer, eff: Efficiency, ckpt, resume) -> dict:
   t = cfg.train
   built = step_lib.build(cfg)
   state, train_step, eval_step = built.state, built.train_step, built.eval_step
   batches = pipeline.train_iterator(splits.train, cfg)
   held_out = pipeline.eval_batches(splits.eval, cfg)
+  # --- checkpoints: restore, or start from init.checkpoint ---
+  start = 0
+  if resume:
+    state, start = ckpt.restore(resume, state, batches), resume
+    writer.print(f"resuming from the checkpoint at step {start} in {ckpt.directory}")
+  elif resume == 0:
+    writer.print(f"restarting from step 0: no finished checkpoint in {ckpt.directory}")
+  if not resume and cfg.init.checkpoint:
+    state = state.replace(params=checkpoint_lib.load_init_params(cfg, state.params))
+    writer.print(f"initial weights: {cfg.init.checkpoint}")
+  # --- end checkpoints ---
 
   history, evals = [], []
   pending = None
@@ -128,12 +169,13 @@ def _train(cfg, workdir, splits, writer, eff: Efficiency) -> dict:
     writer.print(f"eval @ {step}: loss {e['loss']:.4f} | ppl {e['ppl']:.2f}")
     eff.resume(time.perf_counter())
 
-  for i in range(t.steps):
+  for i in range(start, t.steps):
     batch = next(batches)
-    if i == 0:
+    if i == start:
       eff.inspect_compiled(train_step, state, batch)  # compiles here; logs XLA's memory_analysis once
     with eff.annotate(i):
       state, metrics = train_step(state, batch)
+    ckpt.maybe_save(i + 1, state, batches)
     if pending is not None:
       finish(*pending)
     pending = (i, metrics)
@@ -145,4 +187,6 @@ def _train(cfg, workdir, splits, writer, eff: Efficiency) -> dict:
     finish(*pending)
   run_eval(t.steps)
 
-  return eff.finish(eval_loss=evals[-1]["loss"], final_loss=history[-1], first_loss=history[0])
+  summary = eff.finish(eval_loss=evals[-1]["loss"], final_loss=history[-1], first_loss=history[0])
+  ckpt.save_final(t.steps, state, batches)  # after summary.json: a final checkpoint means a finished run
+  return summary

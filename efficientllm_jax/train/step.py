@@ -27,6 +27,9 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  # uint32 key data from train.seed, checkpointed with the rest; a stochastic layer takes its step-t key as
+  # fold_in(wrap_key_data(rng), step), so a resumed run draws the same numbers as an uninterrupted one.
+  rng: Any = None
 
 
 def state_shardings(cfg, tx, mesh):
@@ -50,7 +53,8 @@ def init_state(cfg, tx: optax.GradientTransformation, mesh):
   def init(key):
     model = Transformer(cfg, rngs=nnx.Rngs(key))
     params = nnx.state(model, nnx.Param)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(jax.random.fold_in(seed, 1)))
 
   state = jax.jit(init, out_shardings=shardings)(jax.random.key(cfg.train.seed))
   return graphdef, state, shardings
@@ -103,7 +107,7 @@ def make_train_step(cfg, graphdef, tx, mesh, shardings):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=lr_fn(state.step))
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   batch_sh = batch_sharding(cfg, mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
