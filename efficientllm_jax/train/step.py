@@ -9,6 +9,7 @@ it with those shardings and donate the old state.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -43,7 +44,7 @@ def state_shardings(cfg, tx, mesh):
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_sh = sh.like_params(abstract_opt, jax.tree.structure(abstract_params), params_sh, mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return graphdef, TrainState(step=replicated, params=params_sh, opt_state=opt_sh)
+  return graphdef, TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated)
 
 
 def init_state(cfg, tx: optax.GradientTransformation, mesh):
@@ -54,7 +55,7 @@ def init_state(cfg, tx: optax.GradientTransformation, mesh):
     model = Transformer(cfg, rngs=nnx.Rngs(key))
     params = nnx.state(model, nnx.Param)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.fold_in(seed, 1)))
+                      rng=jax.random.key_data(jax.random.fold_in(key, 1)))
 
   state = jax.jit(init, out_shardings=shardings)(jax.random.key(cfg.train.seed))
   return graphdef, state, shardings
@@ -74,6 +75,7 @@ def _in_mesh(fn, cfg, mesh):
   """Trace `fn` with activation constraints on `mesh`."""
   rules = sh.rules_of(cfg)
 
+  @functools.wraps(fn)  # keeps the name (train_step / eval_step) that compile-time listeners report
   def wrapped(*args):
     with sh.activation_sharding(mesh, rules):
       return fn(*args)
