@@ -9,14 +9,15 @@ set -uo pipefail
 stage=$1; out=${2:-${OUT:-results}}
 export PYTHONUNBUFFERED=1 EFFICIENTLLM_CACHE=${EFFICIENTLLM_CACHE:-/tmp/elc}
 R=results/efficientllm_benchmark
-common=(--steps=30 --timeout_s=300 --config.train.eval_batches=2)
+common=(--steps=20 --timeout_s=240 --config.train.eval_batches=2 --config.checkpoint.every=0)
 mha() {  # MHA is not in the EfficientLLM sweep; run it beside it
   python -m launch --config=configs/attention/mha.py:$1 --workdir=$R/attention_results/mha_$1 --overwrite \
-    --config.train.steps=30 --config.train.log_every=10 --config.train.eval_batches=2 2>&1 | grep -E "^(model|done|error)" 
+    --config.train.steps=20 --config.train.log_every=10 --config.train.eval_batches=2 --config.checkpoint.every=0 2>&1 \
+    | grep -E "^(model|done|error)"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit --format=csv,noheader
 case $stage in
-  att05) python -m pytest -q -m gpu tests/test_attention.py tests/test_monitor.py tests/test_nsa.py 2>&1 | tail -3
+  att05) timeout 150 python -m pytest -q -m gpu tests/test_attention.py tests/test_monitor.py 2>&1 | tail -3
          python -m launch.bench attention --scale=paper "${common[@]}" --only=mqa_0.5B,gqa_0.5B,mla_0.5B,nsa_0.5B --noplots
          mha 0.5B ;;
   att15) python -m launch.bench attention --scale=paper "${common[@]}" --only=mqa_1.5B,gqa_1.5B,mla_1.5B,nsa_1.5B --noplots
@@ -25,10 +26,12 @@ case $stage in
   moe)   python benchmarks/moe_ragged_dot.py 2>&1 | tail -12
          python -m launch.bench moe --scale=paper "${common[@]}" --only=moe_0.5Bx8 --noplots
          python -m launch --config=configs/base.py:0.5B --workdir=$R/moe_results/dense_0.5B --overwrite \
-           --config.train.steps=30 --config.train.log_every=10 --config.train.eval_batches=2 2>&1 | grep -E "^(done|error)" ;;
+           --config.train.steps=20 --config.train.log_every=10 --config.train.eval_batches=2 --config.checkpoint.every=0 \
+           2>&1 | grep -E "^(done|error)" ;;
   shard2) python benchmarks/scaling.py --sizes=0.5B,1.5B --steps=20 --out=$out/scaling.json ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
 # At most a few files come back from a device call: one archive of summaries, tables, configs and metrics rows.
-mkdir -p "$out" && tar czf "$out/$stage.tgz" --exclude='*tfevents*' --exclude='previous-*' results/efficientllm_benchmark 2>/dev/null
+mkdir -p "$out" && tar czf "$out/$stage.tgz" --exclude='*tfevents*' --exclude='previous-*' --exclude='checkpoints' \
+  --exclude='*.log' results/efficientllm_benchmark 2>/dev/null
 ls -la "$out"
