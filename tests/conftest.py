@@ -5,7 +5,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("EFFICIENTLLM_CACHE", str(ROOT / ".cache" / "test"))
-os.environ.setdefault("JAX_PLATFORMS", "cpu" if not os.environ.get("EFFICIENTLLM_TEST_GPU") else "")
 
 import pytest  # noqa: E402
 
