@@ -91,7 +91,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   d.source = "embedded"  # embedded: the running Python's standard-library sources | arrayrecord: data.path
   d.path = ""  # arrayrecord: a directory written by `python -m efficientllm_jax.data.prepare`
   d.workers = 0  # grain worker processes reading/decoding records (0 = threads in the training process)
-  d.tokenizer = "bpe"  # embedded only (arrayrecord: the prepared tokenizer): bpe (byte-level BPE trained on the corpus, cached) | bytes
+  d.tokenizer = "bpe"  # bpe (byte-level BPE trained on the corpus, cached) | bytes; embedded only
   d.bpe_vocab_size = 4096
   d.max_corpus_mb = 8.0 if tiny else 0.0  # 0 = whole corpus
   d.seq_len = 128 if tiny else 8192

@@ -151,6 +151,7 @@ def _copy(dataset, tmp_path) -> Path:
     ("garbage_shard", r"the train shards are unreadable"),
     ("seq_len", r"was prepared with seq_len=16 but data.seq_len=32: set --config.data.seq_len=16"),
     ("no_eval", r"holds no held-out sequences: re-run data.prepare with a larger --eval_fraction"),
+    ("no_train", r"holds no training sequences: add data or lower seq_len"),
 ])
 def test_broken_datasets_give_one_clear_line(dataset, tmp_path, case, message):
   d = _copy(dataset, tmp_path)
@@ -175,8 +176,8 @@ def test_broken_datasets_give_one_clear_line(dataset, tmp_path, case, message):
     shard.write_bytes(b"\x00garbage" * 100)
   elif case == "seq_len":
     cfg.data.seq_len = 32
-  elif case == "no_eval":
-    meta["eval"] = {"shards": [], "sequences": 0, "tokens": 0}
+  elif case in ("no_eval", "no_train"):
+    meta[case.removeprefix("no_")] = {"shards": [], "sequences": 0, "tokens": 0}
     meta_path.write_text(json.dumps(meta))
   with pytest.raises(DataError, match=message) as e:
     pipeline.make_splits(cfg)

@@ -32,7 +32,8 @@ def imported_logits(ckpt: Path, ids: np.ndarray, *, scan_layers: bool = True) ->
   graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
   params = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), params)
   params = ckpt_lib.load_init_params(cfg, params)
-  return np.asarray(jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, ids))
+  with jax.default_matmul_precision("highest"):  # true fp32 matmuls on GPUs too (no TF32)
+    return np.asarray(jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, ids))
 
 
 def rel_err(a, b) -> float:
@@ -153,7 +154,8 @@ def test_parquet_prepare_then_training_from_the_imported_weights(tmp_path):
   cfg.model.dtype, cfg.model.remat = "float32", "none"
   cfg.train.steps, cfg.train.micro_batch, cfg.train.eval_batches, cfg.train.log_every = 1, 2, 1, 1
   cfg.checkpoint.every = 0
-  summary = loop.train_and_evaluate(cfg, tmp_path / "run")
+  with jax.default_matmul_precision("highest"):
+    summary = loop.train_and_evaluate(cfg, tmp_path / "run")
   assert str(tmp_path / "data") in json.loads((tmp_path / "run" / "config.json").read_text())["data"]["path"]
   # The first step's loss, recomputed with the numpy reference on the same batch.
   batch = next(pipeline.train_iterator(pipeline.make_splits(cfg).train, cfg))

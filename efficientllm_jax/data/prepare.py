@@ -22,6 +22,8 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -434,12 +436,19 @@ def prepare(inputs: list[str], out: str | Path, opts: Options, *, fmt: str = "au
         results[stats["unit"]["index"]] = stats
         progress.update(stats)
     else:
-      # fork: workers inherit the loaded modules instead of re-importing them (spawn costs seconds each)
-      ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-      with ctx.Pool(workers, initializer=_quiet_worker) as pool:
-        for stats in pool.imap_unordered(process_unit, jobs):
-          results[stats["unit"]["index"]] = stats
-          progress.update(stats)
+      # ProcessPoolExecutor, not Pool: a worker that dies (OOM kill) breaks the pool instead of hanging it.
+      with ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_quiet_worker) as pool:
+        try:
+          for fut in as_completed([pool.submit(process_unit, job) for job in jobs]):
+            stats = fut.result()
+            results[stats["unit"]["index"]] = stats
+            progress.update(stats)
+        except BrokenProcessPool:
+          raise DataError("a prepare worker process died (out of memory?): re-run the same command to resume, "
+                          "with fewer --workers or a smaller --chunk_mb") from None
+        except BaseException:
+          pool.shutdown(cancel_futures=True)
+          raise
   finally:
     progress.close()
   meta = _metadata(out, units, results, opts, fmt, enc, dtype, files, time.perf_counter() - t0)
@@ -449,6 +458,20 @@ def prepare(inputs: list[str], out: str | Path, opts: Options, *, fmt: str = "au
   enc.tok.save(str(out / records.TOKENIZER))
   records.write_json_atomic(out / records.METADATA, meta)
   return meta
+
+
+_FORK_SAFE = False  # set by the CLI, whose process never starts JAX's (non-Python) threads
+
+
+def _pool_context():
+  """fork from the CLI: workers inherit the loaded tokenizer instead of importing for seconds; forkserver when called
+  from a process that may run JAX threads (forking those can deadlock the child)."""
+  if _FORK_SAFE and sys.platform == "linux":
+    return multiprocessing.get_context("fork")
+  ctx = multiprocessing.get_context("forkserver" if sys.platform != "win32" else "spawn")
+  if sys.platform != "win32":
+    ctx.set_forkserver_preload([__name__])
+  return ctx
 
 
 def _quiet_worker() -> None:
@@ -484,6 +507,8 @@ def main(argv) -> None:
   f = flags.FLAGS
   if len(argv) > 1:
     raise SystemExit(f"error: unexpected arguments: {' '.join(argv[1:])}")
+  global _FORK_SAFE
+  _FORK_SAFE = True
   opts = Options(tokenizer=f.tokenizer, seq_len=f.seq_len, field=f.field, text_unit=f.text_unit,
                  eval_fraction=f.eval_fraction, eot=f.eot, chunk_mb=f.chunk_mb)
   try:
