@@ -11,6 +11,26 @@ import pytest  # noqa: E402
 from configs import base  # noqa: E402
 
 
+def set_keys(cfg, overrides: dict):
+  """Dotted-key overrides (`{"train.steps": 3}`) applied in place; returns cfg."""
+  for key, value in overrides.items():
+    node = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return cfg
+
+
+def load_config_file(relpath: str, arg: str, **overrides):
+  """`get_config(arg)` of a config file under the repo (e.g. configs/attention/mla.py), plus overrides."""
+  import importlib.util  # noqa: PLC0415
+  spec = importlib.util.spec_from_file_location(f"cfg_{Path(relpath).stem}", ROOT / relpath)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return set_keys(mod.get_config(arg), overrides)
+
+
 def tiny_config(**overrides):
   """The tiny preset with the byte tokenizer and a short corpus (fast), plus dotted overrides."""
   c = base.get_config("tiny")
@@ -23,13 +43,7 @@ def tiny_config(**overrides):
   c.train.log_every = 5
   c.train.eval_every = 0
   c.train.eval_batches = 2
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return set_keys(c, overrides)
 
 
 @pytest.fixture

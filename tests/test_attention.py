@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,21 +18,13 @@ from efficientllm_jax import config as config_lib
 from efficientllm_jax.models.attention import make_attention, ops
 from efficientllm_jax.models.positional import make_position, rotate
 
+from tests.conftest import load_config_file
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_config(kind: str, size: str = "tiny", **overrides):
-  spec = importlib.util.spec_from_file_location(f"cfg_{kind}", ROOT / "configs" / "attention" / f"{kind}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  cfg = mod.get_config(size)
-  for key, value in overrides.items():
-    node = cfg
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return config_lib.validate(cfg)
+  return config_lib.validate(load_config_file(f"configs/attention/{kind}.py", size, **overrides))
 
 
 # ------------------------------------------------------------------------------------------ numpy reference

@@ -4,8 +4,6 @@ latent-cache decode against the training path token by token, the cache size, pa
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,21 +16,12 @@ from efficientllm_jax.models.attention import mla as mla_lib
 from efficientllm_jax.models.positional import PositionContext, make_position
 from efficientllm_jax.models.transformer import Transformer, param_counts
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import load_config_file
+
 
 
 def load_config(kind: str = "mla", size: str = "tiny", **overrides):
-  spec = importlib.util.spec_from_file_location(f"cfg_{kind}", ROOT / "configs" / "attention" / f"{kind}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  cfg = mod.get_config(size)
-  for key, value in overrides.items():
-    node = cfg
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return config_lib.validate(cfg)
+  return config_lib.validate(load_config_file(f"configs/attention/{kind}.py", size, **overrides))
 
 
 def _normal(seed, *shape, scale=1.0):
