@@ -67,3 +67,12 @@ def test_bad_mesh_shapes_name_the_fix(shape, message):
 
 def test_mesh_fills_the_free_axis():
   assert sh.mesh_shape({"data": -1, "tensor": 2}, 8) == (4, 1, 2, 1)
+
+
+def test_moe_with_expert_parallelism_equals_single_device():
+  # fsdp4 x ep2: experts split over `expert`, their embed dimension over `fsdp` (GSPMD partitions the dispatch).
+  runs = _run_meshes(["single", "fsdp4_ep2"], {"ffn.kind": "moe", "moe.expert_dim": 64})
+  np.testing.assert_allclose(runs["fsdp4_ep2"]["losses"], runs["single"]["losses"], rtol=2e-5)
+  specs = runs["fsdp4_ep2"]["specs"]
+  assert next(v for k, v in specs.items() if "'experts'" in k and "'gate'" in k) == [None, "expert", "fsdp", None]
+  assert next(v for k, v in specs.items() if "'experts'" in k and "'down'" in k) == [None, "expert", None, "fsdp"]
