@@ -235,15 +235,15 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(dataset, tmp_path,
   real_build = step_lib.build
 
   def poisoned_build(cfg):
-    graphdef, state, train_step, eval_step = real_build(cfg)
+    built = real_build(cfg)
 
     def step(state, batch):
-      state, metrics = train_step(state, batch)
+      state, metrics = built.train_step(state, batch)
       if int(state.step) == 5:  # the update of step 5 blows the weights up
         state = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
       return state, metrics
 
-    return graphdef, state, step, eval_step
+    return built._replace(train_step=step)
 
   monkeypatch.setattr(step_lib, "build", poisoned_build)
   c = base.get_config("tiny")

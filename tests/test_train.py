@@ -47,7 +47,7 @@ def test_nan_stops_with_message(tmp_path):
 
 
 def test_existing_run_is_never_overwritten_silently(tmp_path):
-  cfg = tiny_config(**{"train.steps": 2})
+  cfg = tiny_config(**{"train.steps": 2, "checkpoint.every": 0})  # no checkpoints: nothing to resume from
   loop.train_and_evaluate(cfg, tmp_path / "run")
   first = (tmp_path / "run" / "summary.json").read_text()
   with pytest.raises(loop.WorkdirError, match="already holds a run .*pass --overwrite"):
