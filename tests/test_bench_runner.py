@@ -134,11 +134,3 @@ def test_failure_reason_rules():
   assert runner.failure_reason("", -signal.SIGKILL) == "killed by signal SIGKILL (out of memory?)"
   assert runner.failure_reason("just text\n", 3) == "just text"
   assert runner.failure_reason("", 4) == "exit code 4 with no stderr"
-
-
-def test_only_smoke_variants_get_the_cheap_compile_flag(monkeypatch):
-  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
-  smoke = Variant("attention", "gqa_tiny", "GQA tiny", "configs/attention/gqa.py:tiny", scale="smoke")
-  paper = Variant("attention", "gqa_0.5B", "GQA 0.5B", "configs/attention/gqa.py:0.5B", scale="paper")
-  assert runner.variant_env(smoke)["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_backend_optimization_level=0"
-  assert runner.variant_env(paper)["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"
