@@ -96,15 +96,6 @@ def _done_note(workdir: Path) -> str:
   return " | ".join(parts)
 
 
-def variant_env(v: Variant) -> dict[str, str]:
-  """The subprocess environment: smoke variants are functional checks whose time is compilation, so they ask XLA
-  for its cheapest backend optimisation (compiles ~6 s faster per variant on a CPU; their speed means nothing)."""
-  env = dict(os.environ)
-  if v.scale == "smoke":
-    env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]))
-  return env
-
-
 def run_variant(v: Variant, results_dir: Path, *, launch_cmd: Sequence[str] = DEFAULT_LAUNCH,
                 timeout_s: float | None = None, stream: bool = False, prefix: str = "") -> tuple[bool, str]:
   """Trains one variant in a subprocess; returns (ok, reason). Its output goes to logs in the workdir."""
@@ -115,7 +106,7 @@ def run_variant(v: Variant, results_dir: Path, *, launch_cmd: Sequence[str] = DE
   (wd / VARIANT_FILE).write_text(json.dumps({**dataclasses.asdict(v), "command": cmd}, indent=2))
   t0 = time.perf_counter()
   with open(wd / STDOUT_LOG, "w") as out, open(wd / STDERR_LOG, "w+") as err:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1, env=variant_env(v),
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
                             start_new_session=True)  # its own process group: a timeout ends its children too
     pump = threading.Thread(target=_copy_lines, args=(proc.stdout, out, prefix if stream else None), daemon=True)
     pump.start()
