@@ -37,8 +37,3 @@ def initialize(cfg) -> None:
               process_id=int(cfg.mesh.process_id))
   jax.distributed.initialize(**kw)
   _done = True
-
-
-def is_leader() -> bool:
-  """Process 0 writes logs, metrics and summaries."""
-  return jax.process_index() == 0

@@ -15,7 +15,6 @@ import math
 from typing import Any, Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -160,8 +159,3 @@ def data_parallel_size(cfg) -> int:
   axes = rules_of(cfg).get("batch") or ()
   axes = (axes,) if isinstance(axes, str) else axes
   return math.prod(sizes[a] for a in axes)
-
-
-def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-  """Assemble a global array from each process's slice of the batch (one process: a plain device_put)."""
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
