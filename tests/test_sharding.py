@@ -76,3 +76,24 @@ def test_moe_with_expert_parallelism_equals_single_device():
   specs = runs["fsdp4_ep2"]["specs"]
   assert next(v for k, v in specs.items() if "'experts'" in k and "'gate'" in k) == [None, "expert", "fsdp", None]
   assert next(v for k, v in specs.items() if "'experts'" in k and "'down'" in k) == [None, "expert", None, "fsdp"]
+
+
+def test_two_processes_feeding_their_own_rows_equal_one_process(tmp_path):
+  """Multi-host batch assembly: 2 processes x 2 CPU devices on jax.distributed, each passing only its rows to
+  step.global_batch, train exactly as one process given the whole batch; only process 0 writes metrics."""
+  import portpicker
+  port = portpicker.pick_unused_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_check", str(port), str(i), str(tmp_path)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+  got = json.loads(outs[0][0].strip().splitlines()[-1])
+  assert (got["processes"], got["devices"], got["batch_shape"]) == (2, 4, [1, 8, 64])
+  from tests import multidevice_check
+  single = multidevice_check.run("single", {})  # the same fixed batches, whole, on this process's one device
+  np.testing.assert_allclose(got["losses"], single["losses"], rtol=2e-5)
+  assert got["eval_first_rows"] == [0, 2, 4, 6]  # process 0's eval rows: every 2nd row of the micro-batch
+  assert (tmp_path / "w0" / "metrics.jsonl").read_text().count("\n") == 1
+  assert not (tmp_path / "w1" / "metrics.jsonl").exists() and not (tmp_path / "w1" / "tb").exists()

@@ -232,9 +232,13 @@ def train_iterator(source, cfg, *, start_step: int = 0, process_index: int | Non
   return iter(it)
 
 
-def eval_batches(source, cfg) -> list[dict[str, np.ndarray]]:
-  """The first `train.eval_batches` micro-batches of the held-out split, in order (the same every eval)."""
+def eval_batches(source, cfg, *, process_index: int | None = None,
+                 process_count: int | None = None) -> list[dict[str, np.ndarray]]:
+  """The first `train.eval_batches` micro-batches of the held-out split, in order (the same every eval); with
+  several processes, this process's rows of each (rows index::count, as train_iterator shards)."""
   b = cfg.train.micro_batch
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
   n = min(cfg.train.eval_batches, len(source) // b)
   ds = grain.MapDataset.source(source).batch(b, drop_remainder=True)
-  return [ds[i] for i in range(n)]
+  return [{k: v[index::count] for k, v in ds[i].items()} for i in range(n)]

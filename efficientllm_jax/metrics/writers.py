@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+import jax
 from tensorboardX import SummaryWriter
 
 
@@ -18,14 +19,19 @@ def _num(v):
 
 
 class MetricWriter:
+  """Writes from the leader process only (process 0 of a multi-host run); the others' writers do nothing, so a
+  workdir on a shared filesystem gets one tb/ stream, one metrics.jsonl and one console."""
 
-  def __init__(self, workdir: Path, *, console=None):
+  def __init__(self, workdir: Path, *, console=None, leader: bool | None = None):
     self.workdir = Path(workdir)
-    self.tb = SummaryWriter(str(self.workdir / "tb"))
-    self.jsonl = open(self.workdir / "metrics.jsonl", "a", buffering=1)
+    self.leader = jax.process_index() == 0 if leader is None else leader
+    self.tb = SummaryWriter(str(self.workdir / "tb")) if self.leader else None
+    self.jsonl = open(self.workdir / "metrics.jsonl", "a", buffering=1) if self.leader else None
     self.console = console  # None: whatever sys.stdout is when printing (not when this module was imported)
 
   def write(self, step: int, scalars: dict, *, prefix: str = "train") -> None:
+    if not self.leader:
+      return
     clean = {k: _num(v) for k, v in scalars.items()}
     for k, v in clean.items():
       if v is not None and math.isfinite(v):
@@ -33,11 +39,13 @@ class MetricWriter:
     self.jsonl.write(json.dumps({"step": step, "split": prefix, **clean}) + "\n")
 
   def print(self, line: str) -> None:
-    print(line, file=self.console or sys.stdout, flush=True)
+    if self.leader:
+      print(line, file=self.console or sys.stdout, flush=True)
 
   def close(self) -> None:
-    self.tb.close()
-    self.jsonl.close()
+    if self.leader:
+      self.tb.close()
+      self.jsonl.close()
 
 
 def progress_line(step: int, total: int, s: dict) -> str:

@@ -63,6 +63,24 @@ def prepare_workdir(workdir: Path, *, overwrite: bool) -> int | None:
     shutil.move(str(workdir / f), str(backup / f))
 
 
+def _agree_on_workdir(workdir: Path, overwrite: bool) -> int | None:
+  """Multi-host: process 0 alone checks (and with overwrite moves aside) the workdir, which may be a shared
+  filesystem; every process gets its verdict, so no process sees a half-prepared directory."""
+  from jax.experimental import multihost_utils
+  err, resume = None, None
+  if jax.process_index() == 0:
+    try:
+      resume = prepare_workdir(workdir, overwrite=overwrite)
+    except WorkdirError as e:
+      err = e
+  code = -2 if err else (-1 if resume is None else resume)
+  code = int(multihost_utils.broadcast_one_to_all(np.int64(code)))
+  if code == -2:
+    raise err or WorkdirError(f"workdir {workdir} was refused by process 0 (its error says why and how to fix it)")
+  workdir.mkdir(parents=True, exist_ok=True)
+  return None if code == -1 else code
+
+
 def evaluate(eval_step, params, batches) -> dict:
   sums = [eval_step(params, b) for b in batches]
   loss_sum, count = (float(sum(np.asarray(s[i]) for s in sums)) for i in (0, 1))
@@ -94,7 +112,8 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False) -> 
   config_lib.validate(cfg)
   workdir = Path(workdir)
   # --- checkpoints: resume a workdir that has them (train/checkpoint.py) ---
-  resume = prepare_workdir(workdir, overwrite=overwrite)
+  resume = prepare_workdir(workdir, overwrite=overwrite) if jax.process_count() == 1 else _agree_on_workdir(
+      workdir, overwrite)
   ckpt = checkpoint_lib.Checkpointer(cfg, workdir)
   if resume is not None:
     if resume >= cfg.train.steps:
@@ -109,7 +128,8 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False) -> 
       ckpt.check_config(resume)
     checkpoint_lib.trim_metrics(workdir / "metrics.jsonl", resume)
   # --- end checkpoints ---
-  (workdir / "config.json").write_text(config_lib.to_json(cfg))
+  if jax.process_index() == 0:  # one writer per workdir (it may sit on a filesystem every host shares)
+    (workdir / "config.json").write_text(config_lib.to_json(cfg))
   splits = pipeline.make_splits(cfg)
   writer = MetricWriter(workdir)
   t = cfg.train
@@ -134,7 +154,7 @@ def _train(cfg, splits, writer, eff: Efficiency, ckpt, resume) -> dict:
   built = step_lib.build(cfg)
   state, train_step, eval_step = built.state, built.train_step, built.eval_step
   batches = pipeline.train_iterator(splits.train, cfg)
-  held_out = pipeline.eval_batches(splits.eval, cfg)
+  held_out = [step_lib.global_batch(b, built.eval_batch_sharding) for b in pipeline.eval_batches(splits.eval, cfg)]
   # --- checkpoints: restore, or start from init.checkpoint ---
   start = 0
   if resume:
@@ -170,7 +190,7 @@ def _train(cfg, splits, writer, eff: Efficiency, ckpt, resume) -> dict:
     eff.resume(time.perf_counter())
 
   for i in range(start, t.steps):
-    batch = next(batches)
+    batch = step_lib.global_batch(next(batches), built.train_batch_sharding)
     if i == start:
       eff.inspect_compiled(train_step, state, batch)  # compiles here; logs XLA's memory_analysis once
     with eff.annotate(i):

@@ -13,6 +13,7 @@ import functools
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
@@ -123,9 +124,21 @@ def make_eval_step(cfg, graphdef, mesh, shardings):
     h_btd, _ = model.hidden(batch["inputs"])
     return cross_entropy(h_btd, model.embed.embedding[...], batch["targets"], chunk=cfg.train.loss_chunk)
 
-  micro_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*batch_sharding(cfg, mesh).spec[1:]))
+  micro_sh = eval_batch_sharding(cfg, mesh)
   return jax.jit(_in_mesh(eval_step, cfg, mesh), in_shardings=(shardings.params, {"inputs": micro_sh,
                                                                                 "targets": micro_sh}))
+
+
+def eval_batch_sharding(cfg, mesh):
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*batch_sharding(cfg, mesh).spec[1:]))
+
+
+def global_batch(local: dict, sharding) -> dict:
+  """This process's rows of a batch -> global jax.Arrays on `sharding` (the multi-host batch assembly).
+
+  Each process feeds only its own shard of the data (pipeline.train_iterator / eval_batches); rows are laid out in
+  process order along the batch axis. With one process this is a plain sharded device_put."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
 class Built(NamedTuple):
@@ -135,6 +148,8 @@ class Built(NamedTuple):
   eval_step: Any
   mesh: jax.sharding.Mesh
   shardings: TrainState  # NamedShardings of the state (for checkpoint restore)
+  train_batch_sharding: Any  # [grad_accum, micro_batch, T]: global_batch(local, this) feeds train_step
+  eval_batch_sharding: Any  # [micro_batch, T]: global_batch(local, this) feeds eval_step
 
 
 def build(cfg, mesh=None) -> Built:
@@ -143,4 +158,5 @@ def build(cfg, mesh=None) -> Built:
   tx = make_optimizer(cfg)
   graphdef, state, shardings = init_state(cfg, tx, mesh)
   return Built(graphdef, state, make_train_step(cfg, graphdef, tx, mesh, shardings),
-               make_eval_step(cfg, graphdef, mesh, shardings), mesh, shardings)
+               make_eval_step(cfg, graphdef, mesh, shardings), mesh, shardings,
+               batch_sharding(cfg, mesh), eval_batch_sharding(cfg, mesh))
