@@ -47,6 +47,8 @@ class Blocks:
   cmp_q: int = 16  # query tokens per compressed-branch tile (rows = cmp_q * Gp)
   cmp_k: int = 64  # compressed tokens per key tile; cmp_k * stride must be a multiple of select_block
   slc_q: int = 16  # query tokens per selected-branch tile (key tile = one selection block)
+  cmp_split: int = 8  # dk/dv programs per compressed key tile (each sums a slice of its query tiles)
+  slc_split: int = 4  # dk/dv programs per selection block (block 0 is used by every query tile)
   num_warps: int = 4
   num_stages: int = 2
   interpret: bool | None = None
@@ -203,9 +205,10 @@ def _dkdv_kernel(*refs, mask: Mask, scale: float, tq: int, gp: int, bk: int):
   else:
     cnt_ref, list_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
     sel_ref = None
-  j = pl.program_id(2)
+  j, part = pl.program_id(2), pl.program_id(3)
   k, v = k_ref[...], v_ref[...]
   m_rows = tq * gp
+  chunk = -(-list_ref.shape[0] // pl.num_programs(3))  # this program sums list entries [lo, hi)
 
   def body(n, carry):
     dk, dv = carry
@@ -221,7 +224,8 @@ def _dkdv_kernel(*refs, mask: Mask, scale: float, tq: int, gp: int, bk: int):
     return dk + _dot(ds.astype(q.dtype), q, (0, 0)), dv
 
   zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = lax.fori_loop(0, cnt_ref[0], body, (zeros, zeros))
+  lo = part * chunk
+  dk, dv = lax.fori_loop(lo, jnp.minimum(cnt_ref[0], lo + chunk), body, (zeros, zeros))
   dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -234,8 +238,8 @@ def _list_specs(cnt, ids):
   """BlockSpecs picking this program's count and id row; lists shared over batch / heads have leading dims 1."""
   bb, kb = cnt.shape[0] > 1, cnt.shape[1] > 1
   pick = lambda b, k, x: (b if bb else 0, k if kb else 0, x)
-  return [pl.BlockSpec((None, None, 1), lambda b, k, x: pick(b, k, x)),
-          pl.BlockSpec((None, None, None, ids.shape[-1]), lambda b, k, x: (*pick(b, k, x), 0))]
+  return [pl.BlockSpec((None, None, 1), lambda b, k, x, *_: pick(b, k, x)),
+          pl.BlockSpec((None, None, None, ids.shape[-1]), lambda b, k, x, *_: (*pick(b, k, x), 0))]
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, blocks: Blocks, name: str):
@@ -267,6 +271,8 @@ def _fwd(q_rows, k, v, sel_rows, lists, *, mask, scale, tq, gp, bk, blocks):
 
 
 def _bwd(q_rows, k, v, sel_rows, lists, o_rows, lse, do_rows, *, mask, scale, tq, gp, bk, blocks):
+  """dq per query tile; dk/dv per (key tile, split): each split sums a slice of the tile's query list into an fp32
+  partial, summed here (bounds the sequential work of key tiles that every query tile uses)."""
   b, kv, r, d = q_rows.shape
   m_rows = tq * gp
   q_cnt, q_ids, k_cnt, k_ids = lists
@@ -286,17 +292,21 @@ def _bwd(q_rows, k, v, sel_rows, lists, o_rows, lse, do_rows, *, mask, scale, tq
   dq = _call(functools.partial(_dq_kernel, **st), (b, kv, r // m_rows), in_specs, row_blk(d),
              jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype), blocks, f"nsa_{mask.kind}_dq")(*args)
 
-  # dk, dv: one program per key tile over the query tiles that use it
-  key_blk = pl.BlockSpec((None, None, bk, d), lambda b_, k_, j: (b_, k_, j, 0))
-  in_specs = [*_list_specs(k_cnt, k_ids), full(r, d), key_blk, key_blk, full(r, d), full(r), full(r)]
+  # dk, dv: programs per (key tile, split) over slices of the query tiles that use the key tile
+  split = max(1, min(blocks.slc_split if slc else blocks.cmp_split, k_ids.shape[-1]))
+  full4 = lambda n, *tail: pl.BlockSpec((None, None, n, *tail), lambda b_, k_, j, s: (b_, k_, 0) + (0,) * len(tail))
+  key_blk = pl.BlockSpec((None, None, bk, d), lambda b_, k_, j, s: (b_, k_, j, 0))
+  part_blk = pl.BlockSpec((None, None, None, bk, d), lambda b_, k_, j, s: (s, b_, k_, j, 0))
+  in_specs = [*_list_specs(k_cnt, k_ids), full4(r, d), key_blk, key_blk, full4(r, d), full4(r), full4(r)]
   args = [k_cnt, k_ids, q_rows, k, v, do_rows, lse, delta]
   if slc:
-    in_specs.append(full(r, sel_rows.shape[-1]))
+    in_specs.append(full4(r, sel_rows.shape[-1]))
     args.append(sel_rows)
-  dk, dv = _call(functools.partial(_dkdv_kernel, **st), (b, kv, k.shape[2] // bk), in_specs, [key_blk, key_blk],
-                 [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+  dtype = k.dtype if split == 1 else jnp.float32
+  dk, dv = _call(functools.partial(_dkdv_kernel, **st), (b, kv, k.shape[2] // bk, split), in_specs,
+                 [part_blk, part_blk], [jax.ShapeDtypeStruct((split, *k.shape), dtype)] * 2,
                  blocks, f"nsa_{mask.kind}_dkdv")(*args)
-  return dq, dk, dv
+  return dq, dk.sum(0).astype(k.dtype), dv.sum(0).astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
