@@ -10,7 +10,8 @@ queries and branches (nsa.attended_tokens); forward+backward = 3x forward (recom
 
   python -m benchmarks.attention_nsa                                   # 8K, 32K, 64K; pallas, reference, cuDNN
   python -m benchmarks.attention_nsa --seqs 65536 --impls pallas \\
-      --blocks "cmp_q=16,cmp_k=64,slc_q=16" "cmp_q=32,cmp_k=64,slc_q=8,num_warps=8"   # block-size sweep
+      --blocks "" "cmp_q=32,slc_q=8" "cmp_split=16,slc_split=8" "num_warps=8,num_stages=3"   # Blocks sweep
+  (Blocks fields: cmp_q, cmp_k, slc_q, cmp_split, slc_split, num_warps, num_stages; "" = defaults)
   python -m benchmarks.attention_nsa --breakdown                       # per-kernel ms of the Pallas path
   python -m benchmarks.attention_nsa --seqs 256 --heads 4 --head-dim 32 --iters 2 --cpu   # CPU smoke run
 """
