@@ -63,6 +63,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   a.nsa.window = 32 if tiny else 128  # w
   a.nsa.local_blocks = 2  # blocks ending at the query's own block that are always selected (paper: 2)
   a.nsa.query_chunk = 0  # queries per chunk of the compressed/selected scan; 0 = auto (memory-bounded)
+  a.nsa.impl = "reference"  # reference (pure JAX, models/attention/nsa.py) | pallas (kernels/nsa)
 
   c.position = p = ml_collections.ConfigDict()
   p.kind = "rope"  # rope | sinusoidal | learned | relative | alibi | none (models/positional.py)

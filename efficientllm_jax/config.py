@@ -15,6 +15,7 @@ ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla", "nsa")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 POSITION_KINDS = ("rope", "sinusoidal", "learned", "relative", "alibi", "none")
 BIAS_POSITION_KINDS = ("relative", "alibi")  # logit-bias schemes (ctx.bias)
+NSA_IMPLS = ("reference", "pallas")  # attention.nsa.impl: pure JAX (models/attention/nsa.py) | kernels/nsa
 FFN_KINDS = ("dense", "moe")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -321,9 +322,28 @@ def validate_init(c) -> None:
     raise ConfigError(f"init.checkpoint={c.init.checkpoint!r} must be a path string (\"\" = random init)")
 
 
+def validate_nsa_impl(c) -> None:
+  """attention.nsa.impl: the Pallas kernels (kernels/nsa) tile by powers of two and take no logit bias."""
+  if c.attention.kind != "nsa":
+    return
+  impl = _get(c, "attention.nsa.impl")
+  if impl not in NSA_IMPLS:
+    raise ConfigError(f"attention.nsa.impl={impl!r} is not one of {NSA_IMPLS}: use reference (pure JAX) or pallas")
+  if impl != "pallas":
+    return
+  if c.position.kind in BIAS_POSITION_KINDS:
+    raise ConfigError(f"attention.nsa.impl=pallas takes no logit bias, but position.kind={c.position.kind!r} adds "
+                      "one: use --config.attention.nsa.impl=reference or a rope / additive position")
+  for key in ("attention.nsa.select_block", "model.head_dim"):
+    v = _get(c, key)
+    if v & (v - 1):
+      raise ConfigError(f"{key}={v} must be a power of two for attention.nsa.impl=pallas (Triton tiles): "
+                        "use attention.nsa.impl=reference")
+
+
 VALIDATORS = [validate_model, validate_attention, validate_mla, validate_nsa, validate_position, validate_position_kinds,
               validate_ffn, validate_moe, validate_data, validate_train, validate_metrics, validate_mesh,
-              validate_checkpoint, validate_init]
+              validate_checkpoint, validate_init, validate_nsa_impl]
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

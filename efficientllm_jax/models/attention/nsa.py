@@ -138,16 +138,10 @@ def _chunk(q_bckgd, q_pos_c, kc_bnkd, vc_bnkd, cmp_end_n, ks_bskld, vs_bskld, se
 
   # (b) selection: group-summed compressed probabilities remapped to selection blocks; not differentiable.
   score_bkcs = jnp.einsum("bkgcn,ns->bkcs", jax.lax.stop_gradient(p_cmp), sel_w_ns)
-  ns = sel_w_ns.shape[1]
-  blk_s = jnp.arange(ns)
-  cur_c = q_pos_c // select_block
-  future_cs = blk_s[None, :] > cur_c[:, None]
-  forced_cs = (blk_s[None, :] == 0) | ((blk_s[None, :] <= cur_c[:, None])
-                                       & (blk_s[None, :] > cur_c[:, None] - local_blocks))
-  score_bkcs = jnp.where(forced_cs, jnp.inf, score_bkcs)
-  score_bkcs = jnp.where(future_cs, -jnp.inf, score_bkcs)
-  top_v, idx_bkcn = jax.lax.top_k(score_bkcs, min(num_selected, ns))
-  used_bkcn = top_v > -jnp.inf
+  idx_bkcn = select_blocks(score_bkcs, q_pos_c, select_block=select_block, num_selected=num_selected,
+                           local_blocks=local_blocks)
+  used_bkcn = idx_bkcn >= 0
+  idx_bkcn = jnp.maximum(idx_bkcn, 0)  # unused slots gather block 0, masked below
 
   # (c) selected branch: gather the chosen blocks per (batch, kv head, query), shared by the group's heads.
   gather = jax.vmap(jax.vmap(lambda blocks, ids: blocks[ids]))  # [S, l', D][C, n] -> [C, n, l', D]
@@ -163,6 +157,41 @@ def _chunk(q_bckgd, q_pos_c, kc_bnkd, vc_bnkd, cmp_end_n, ks_bskld, vs_bskld, se
   p_slc = masked_softmax(logits, mask_bkcnl[:, :, None], axes=(-2, -1))
   o_slc = jnp.einsum("bkgcnl,bkcnld->bckgd", p_slc.astype(vg.dtype), vg, preferred_element_type=jnp.float32)
   return o_cmp, o_slc, jnp.where(used_bkcn, idx_bkcn, -1)
+
+
+def select_blocks(score_bkcs, q_pos_c, *, select_block: int, num_selected: int, local_blocks: int):
+  """Top-n selection blocks per query from scores [B, K, C, S]: the first block and the `local_blocks` blocks
+  ending at the query's own block are forced, future blocks excluded. Returns ids [B, K, C, n'] (n' = min(n, S)),
+  -1 where fewer than n' blocks are visible."""
+  ns = score_bkcs.shape[-1]
+  blk_s = jnp.arange(ns)
+  cur_c = q_pos_c // select_block
+  future_cs = blk_s[None, :] > cur_c[:, None]
+  forced_cs = (blk_s[None, :] == 0) | ((blk_s[None, :] <= cur_c[:, None])
+                                       & (blk_s[None, :] > cur_c[:, None] - local_blocks))
+  score_bkcs = jnp.where(forced_cs, jnp.inf, score_bkcs)
+  score_bkcs = jnp.where(future_cs, -jnp.inf, score_bkcs)
+  top_v, idx_bkcn = jax.lax.top_k(score_bkcs, min(num_selected, ns))
+  return jnp.where(top_v > -jnp.inf, idx_bkcn, -1)
+
+
+def sparse_branches_pallas(q_bthd, kc_bnkd, vc_bnkd, ks_bskd, vs_bskd, *, compress_block: int,
+                           compress_stride: int, select_block: int, num_selected: int, local_blocks: int,
+                           scale: float | None = None, blocks=None):
+  """sparse_branches through the Pallas kernels (kernels/nsa): the compressed branch returns its logsumexp, a
+  second kernel turns it into group-summed selection scores [B, K, T, S], top-k runs in XLA, and the selected
+  branch gathers only the chosen blocks. Same outputs as sparse_branches (no logit bias)."""
+  from efficientllm_jax.kernels import nsa as nsa_kernels  # Pallas imports only when used
+  blocks = blocks or nsa_kernels.Blocks()
+  t = q_bthd.shape[1]
+  geom = dict(compress_block=compress_block, compress_stride=compress_stride, scale=scale, blocks=blocks)
+  o_cmp, lse = nsa_kernels.compressed_attention(q_bthd, kc_bnkd, vc_bnkd, **geom)
+  score = nsa_kernels.selection_scores(q_bthd, kc_bnkd, lse, select_block=select_block, **geom)
+  idx = select_blocks(score, jnp.arange(t), select_block=select_block, num_selected=num_selected,
+                      local_blocks=local_blocks)
+  o_slc = nsa_kernels.selected_attention(q_bthd, ks_bskd, vs_bskd, idx, select_block=select_block, scale=scale,
+                                         blocks=blocks)
+  return o_cmp, o_slc, idx
 
 
 def sparse_branches(q_bthd, kc_bnkd, vc_bnkd, cmp_end_n, ks_bskd, vs_bskd, *, compress_block: int,
@@ -258,6 +287,7 @@ class NSAAttention(nnx.Module):
                          local_blocks=int(a.local_blocks))
     self.window = int(a.window)
     self.query_chunk = int(a.query_chunk)
+    self.kernel_impl = str(a.impl)  # reference (sparse_branches) | pallas (kernels/nsa)
 
   def compressed_kv(self, x_btd, ctx: PositionContext):
     """Compressed keys (rotated at their block's last token) and values [B, Nc, K, D], and those positions."""
@@ -273,9 +303,14 @@ class NSAAttention(nnx.Module):
     """Per-branch outputs {cmp, slc, win} [B, T, H, D], gates [B, T, H, 3] and selected block ids [B, K, T, n']."""
     q = rotate(self.q(x_btd), ctx)
     kc, vc, end_n = self.compressed_kv(x_btd, ctx)
-    o_cmp, o_slc, idx = sparse_branches(
-        q, kc, vc, end_n, rotate(self.k_slc(x_btd), ctx), self.v_slc(x_btd), bias=ctx.bias,
-        query_chunk=self.query_chunk, **self.geometry)
+    ks, vs = rotate(self.k_slc(x_btd), ctx), self.v_slc(x_btd)
+    if self.kernel_impl == "pallas":
+      if ctx.bias is not None:
+        raise ValueError("attention.nsa.impl=pallas takes no logit bias (relative / ALiBi): use impl=reference")
+      o_cmp, o_slc, idx = sparse_branches_pallas(q, kc, vc, ks, vs, **self.geometry)
+    else:
+      o_cmp, o_slc, idx = sparse_branches(q, kc, vc, end_n, ks, vs, bias=ctx.bias, query_chunk=self.query_chunk,
+                                          **self.geometry)
     o_win = ops.attention(q, rotate(self.k_win(x_btd), ctx), self.v_win(x_btd), impl=self.impl, bias=ctx.bias,
                           window=self.window)
     gates = jax.nn.sigmoid(self.gate(x_btd).astype(jnp.float32))

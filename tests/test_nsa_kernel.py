@@ -1,0 +1,216 @@
+"""NSA Pallas kernels (kernels/nsa, interpret mode on CPU) against their dense jnp references, outputs and
+gradients, odd lengths; the NSA module with attention.nsa.impl=pallas against impl=reference; the config checks.
+A GPU test (skipped on CPU) compares the compiled kernels with the references at T=8192 in bf16."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.attention import nsa as nsa_config
+from efficientllm_jax import config as config_lib
+from efficientllm_jax.kernels.nsa import kernel, reference
+from efficientllm_jax.models.attention import ATTENTIONS, nsa
+from efficientllm_jax.models.positional import RoPE
+
+GEOM = dict(compress_block=16, compress_stride=8)  # l, d; selection block l' = 16, n = 4
+SELECT, N_SEL = 16, 4
+BLOCKS = kernel.Blocks(cmp_q=16, cmp_k=16, slc_q=16, interpret=True)
+
+
+def run_fast(f, *args):
+  """jit + compile at XLA's cheapest backend optimisation: interpret-mode kernels are compile-bound on CPU."""
+  return jax.jit(f).lower(*args).compile(compiler_options={"xla_backend_optimization_level": 0})(*args)
+
+
+def normal(seed, shape, dtype=jnp.float32):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def random_selection(seed, b, kv, t, n, select_block):
+  """Per (b, k, t): the current block plus up to n - 1 distinct earlier blocks, shuffled; -1 pads short rows."""
+  rng = np.random.default_rng(seed)
+  idx = -np.ones((b, kv, t, n), np.int32)
+  for bi, ki, ti in np.ndindex(b, kv, t):
+    cur = ti // select_block
+    ids = [cur, *rng.permutation(cur)[:n - 1]]
+    idx[bi, ki, ti, :len(ids)] = rng.permutation(ids)
+  return jnp.asarray(idx)
+
+
+def _inputs(t=101, b=1, h=4, kv=2, d=16, dtype=jnp.float32):
+  nc = nsa.num_compressed(t, GEOM["compress_block"], GEOM["compress_stride"])
+  q = normal(0, (b, t, h, d), dtype)
+  kc, vc = normal(1, (b, nc, kv, d), dtype), normal(2, (b, nc, kv, d), dtype)
+  ks, vs = normal(3, (b, t, kv, d), dtype), normal(4, (b, t, kv, d), dtype)
+  return q, kc, vc, ks, vs
+
+
+def _assert_close(a, b, atol):
+  np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=atol, rtol=atol)
+
+
+def test_compressed_attention_and_selection_scores_match_reference():
+  q, kc, vc, _, _ = _inputs()
+  cot = normal(9, q.shape)
+
+  def run(mod, **kw):
+    def loss(q, kc, vc):
+      o, lse = mod.compressed_attention(q, kc, vc, **GEOM, **kw)
+      return jnp.sum(o * cot), (o, lse)
+    (_, (o, lse)), grads = run_fast(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), q, kc, vc)
+    score = run_fast(lambda q, kc, lse: mod.selection_scores(q, kc, lse, select_block=SELECT, **GEOM, **kw),
+                     q, kc, lse)
+    return o, lse, score, grads
+
+  o, lse, score, grads = run(kernel, blocks=BLOCKS)
+  o_r, lse_r, score_r, grads_r = run(reference)
+  _assert_close(o, o_r, 2e-5)
+  early = np.isinf(np.asarray(lse_r))  # tokens before the first block ends see nothing: lse +inf, o and score 0
+  assert early[..., :GEOM["compress_block"] - 1].all() and not early[..., GEOM["compress_block"] - 1:].any()
+  np.testing.assert_array_equal(np.isinf(np.asarray(lse)), early)
+  _assert_close(np.where(early, 0, lse), np.where(early, 0, lse_r), 2e-5)
+  assert score.shape == score_r.shape == (1, 2, 101, 7)
+  _assert_close(score, score_r, 2e-5)
+  for g, g_r in zip(grads, grads_r):
+    _assert_close(g, g_r, 5e-5)
+
+
+def test_selected_attention_matches_reference_values_and_gradients():
+  q, _, _, ks, vs = _inputs()
+  idx = random_selection(5, 1, 2, q.shape[1], N_SEL, SELECT)
+  cot = normal(9, q.shape)
+
+  def run(mod, **kw):
+    def loss(q, k, v):
+      o = mod.selected_attention(q, k, v, idx, select_block=SELECT, **kw)
+      return jnp.sum(o * cot), o
+    (_, o), grads = run_fast(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), q, ks, vs)
+    return o, grads
+
+  o, grads = run(kernel, blocks=BLOCKS)
+  o_r, grads_r = run(reference)
+  _assert_close(o, o_r, 2e-5)
+  for g, g_r in zip(grads, grads_r):
+    _assert_close(g, g_r, 5e-5)
+
+
+def test_remap_matrices_reproduce_the_papers_selection_weights():
+  """wa / wb tiled along the diagonal equal nsa.selection_weights (overlap of compressed and selection blocks)."""
+  l, d, ls, bk, t = 64, 32, 64, 64, 64 * 32 * 3
+  wa, wb = kernel.remap_matrices(compress_block=l, compress_stride=d, select_block=ls, bk=bk)
+  w = nsa.selection_weights(t, l, d, ls)
+  bs = wa.shape[1]
+  for jt in range(w.shape[0] // bk):
+    np.testing.assert_array_equal(w[jt * bk:(jt + 1) * bk, jt * bs:(jt + 1) * bs], wa)
+    if (jt + 1) * bs < w.shape[1]:
+      np.testing.assert_array_equal(w[jt * bk:(jt + 1) * bk, (jt + 1) * bs:(jt + 2) * bs], wb)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the module
+
+def test_nsa_module_pallas_equals_reference_in_values_and_gradients():
+  t = 101  # odd: partial compression, selection and query tiles
+  cfgs = {}
+  for impl in ("reference", "pallas"):
+    cfg = nsa_config.get_config("tiny")
+    cfg.attention.impl, cfg.attention.nsa.impl, cfg.data.seq_len = "xla", impl, t
+    cfgs[impl] = config_lib.validate(cfg)
+  module = ATTENTIONS["nsa"](cfgs["reference"], rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(module)
+  x = normal(100, (1, t, cfgs["reference"].model.hidden))
+  ctx = RoPE(cfgs["reference"], rngs=nnx.Rngs(0)).context(jnp.arange(t)[None])
+  cot = normal(101, (1, t, cfgs["reference"].model.hidden))
+
+  def run(impl):
+    def loss(state, x):
+      m = nnx.merge(graphdef, state)
+      m.kernel_impl = impl
+      outs, gates, idx = m.branches(x, ctx)  # what m(x, ctx) computes, keeping the branches and ids
+      y = m.o(sum(gates[..., i:i + 1] * outs[name] for i, name in enumerate(nsa.BRANCHES)))
+      return jnp.sum(y * cot), (outs, idx)
+    return run_fast(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), state, x)
+
+  (v_p, (outs_p, idx_p)), (gs_p, gx_p) = run("pallas")
+  (v_r, (outs_r, idx_r)), (gs_r, gx_r) = run("reference")
+  np.testing.assert_array_equal(np.asarray(idx_p), np.asarray(idx_r))
+  for name in nsa.BRANCHES:
+    _assert_close(outs_p[name], outs_r[name], 2e-5)
+  _assert_close(v_p, v_r, 1e-4)
+  _assert_close(gx_p, gx_r, 1e-4)
+  for a, b in zip(jax.tree.leaves(gs_p), jax.tree.leaves(gs_r)):
+    _assert_close(a, b, 1e-4)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(impl="triton"), r"attention.nsa.impl='triton' is not one of \('reference', 'pallas'\)"),
+    (dict(impl="pallas", select_block=96), "attention.nsa.select_block=96 must be a power of two"),
+])
+def test_nsa_impl_validation(overrides, message):
+  c = nsa_config.get_config("0.5B")
+  c.attention.nsa.update(overrides)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(c)
+
+
+def test_nsa_pallas_refuses_a_logit_bias():
+  c = nsa_config.get_config("0.5B")
+  c.attention.nsa.impl, c.position.kind = "pallas", "alibi"
+  with pytest.raises(config_lib.ConfigError, match="attention.nsa.impl=pallas takes no logit bias"):
+    config_lib.validate(c)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU: compiled Triton kernels vs the references at the EfficientLLM geometry, bf16
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU (Pallas Triton lowering)")
+def test_kernels_on_gpu_at_8k_match_reference_in_bf16():
+  b, t, h, kv, d = 1, 8192, 12, 2, 128
+  l, s, ls, n = 64, 32, 64, 4
+  geom = dict(compress_block=l, compress_stride=s)
+  nc = nsa.num_compressed(t, l, s)
+  bf = jnp.bfloat16
+  q = normal(0, (b, t, h, d), bf)
+  kc, vc = normal(1, (b, nc, kv, d), bf), normal(2, (b, nc, kv, d), bf)
+  ks, vs = normal(3, (b, t, kv, d), bf), normal(4, (b, t, kv, d), bf)
+  cot = normal(9, q.shape, bf)
+  blocks = kernel.Blocks()
+
+  def cmp(mod, **kw):
+    loss = lambda q, kc, vc: jnp.sum(mod.compressed_attention(q, kc, vc, **geom, **kw)[0].astype(jnp.float32) * cot)
+    o, lse = jax.jit(lambda q, kc, vc: mod.compressed_attention(q, kc, vc, **geom, **kw))(q, kc, vc)
+    score = jax.jit(lambda q, kc, lse: mod.selection_scores(q, kc, lse, select_block=ls, **geom, **kw))(q, kc, lse)
+    return o, lse, score, jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, kc, vc)
+
+  o, lse, score, grads = cmp(kernel, blocks=blocks)
+  o_r, lse_r, score_r, grads_r = cmp(reference)
+  _assert_close(o, o_r, 2e-2)
+  finite = np.isfinite(np.asarray(lse_r))
+  _assert_close(np.where(finite, lse, 0), np.where(finite, lse_r, 0), 2e-3)
+  _assert_close(score, score_r, 1e-3)
+  for g, g_r in zip(grads, grads_r):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_r, np.float32), atol=5e-2 * float(
+        jnp.abs(g_r.astype(jnp.float32)).max()))
+
+  # the selected branch with the ids NSA would pick from these scores, same ids for kernel and reference
+  idx = jax.jit(lambda sc: nsa.select_blocks(sc, jnp.arange(t), select_block=ls, num_selected=n, local_blocks=2))(
+      score_r)
+
+  half = t // 4  # the dense [T, T] reference would not fit; compare on the first quarter (selection is causal)
+
+  def slc(mod, q, ks, vs, **kw):
+    f = lambda q, ks, vs: mod.selected_attention(q, ks, vs, idx[:, :, :half], select_block=ls, **kw)
+    loss = lambda q, ks, vs: jnp.sum(f(q, ks, vs).astype(jnp.float32) * cot)
+    return jax.jit(f)(q, ks, vs), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, ks, vs)
+
+  o, grads = slc(kernel, q[:, :half], ks[:, :half], vs[:, :half], blocks=blocks)
+  o_r, grads_r = slc(reference, q[:, :half], ks[:, :half], vs[:, :half])
+  _assert_close(o, o_r, 2e-2)
+  for g, g_r in zip(grads, grads_r):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_r, np.float32), atol=5e-2 * float(
+        jnp.abs(g_r.astype(jnp.float32)).max()))
