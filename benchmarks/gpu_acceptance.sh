@@ -3,7 +3,10 @@
 #   bash benchmarks/gpu_acceptance.sh STAGE [OUTDIR]
 # Stages: att05 (attention sweep 0.5B + MHA), att15 (attention sweep 1.5B + MHA), pos (positional sweep 1.5B),
 #         moe (MoE 0.5Bx8 + dense 0.5B + ragged_dot micro-benchmark), hf (HF fixture + Qwen2.5-0.5B parity),
-#         shard2 (2 GPUs: dp / fsdp vs one GPU at 0.5B and 1.5B).
+#         shard2 (2 GPUs: dp / fsdp vs one GPU at 0.5B and 1.5B),
+#         scale4 (4 GPUs: 1-GPU baselines, dp2 / fsdp2 and dp2 x fsdp2 at 0.5B and 1.5B),
+#         slurm4 (4 GPUs: GQA 0.5B / 1.5B with fsdp4 and MoE 1.5Bx8 with expert parallelism over 4, each through
+#                 the sbatch script `python -m launch.slurm` writes, run by benchmarks/local_slurm/srun).
 # Results (tables, summaries) are copied to OUTDIR (default $OUT, else results/).
 set -uo pipefail
 stage=$1; out=${2:-${OUT:-results}}
@@ -32,6 +35,20 @@ case $stage in
            --config.train.steps=20 --config.train.log_every=10 --config.train.eval_batches=2 --config.checkpoint.every=0 \
            2>&1 | grep -E "^(done|error)" ;;
   shard2) python benchmarks/scaling.py --sizes=0.5B,1.5B --steps=20 --out=$out/scaling.json ;;
+  scale4) python benchmarks/scaling.py --sizes=0.5B,1.5B --meshes=data2,fsdp2,data2xfsdp2 --steps=20 --concurrent \
+            --out=$out/scaling4.json ;;
+  slurm4) S=results/efficientllm_benchmark/slurm
+          python -m launch.slurm attention --scale=paper --partition=local --gpus=4 --only=gqa_0.5B,gqa_1.5B \
+            --steps=20 --script=$S/fsdp4.sbatch --config.checkpoint.every=0 --config.train.eval_batches=1 \
+            --config.mesh.shape.data=1 --config.mesh.shape.fsdp=4 > /dev/null
+          python -m launch.slurm moe --scale=paper --partition=local --gpus=4 --only=moe_1.5Bx8 --steps=20 \
+            --script=$S/ep4.sbatch --config.checkpoint.every=0 --config.train.eval_batches=1 \
+            --config.mesh.shape.data=1 --config.mesh.shape.expert=4 > /dev/null
+          for job in fsdp4:0 fsdp4:1 ep4:0; do
+            PATH=$PWD/benchmarks/local_slurm:$PATH SLURM_ARRAY_TASK_ID=${job#*:} timeout 200 bash $S/${job%:*}.sbatch \
+              2>&1 | grep -E "^(model|done|error|Traceback)|Error" | head -5
+          done
+          python -m launch.bench tables --noplots ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
 # At most a few files come back from a device call: one archive of summaries, tables, configs and metrics rows.

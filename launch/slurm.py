@@ -35,6 +35,9 @@ _SETUP = flags.DEFINE_multi_string("setup", [], "Shell line run before each task
 _SCRIPT = flags.DEFINE_string("script", None, "Where to write the script (default "
                               "<results_dir>/slurm/<sweep>_<scale>.sbatch).")
 _SUBMIT = flags.DEFINE_bool("submit", False, "Submit with sbatch after writing.")
+_PER_DEVICE = flags.DEFINE_bool("per_device_batch", True, "Treat each variant's train.micro_batch as per GPU (the "
+                                "study's 4 / 2 / 1) and multiply it by gpus x nodes; --noper_device_batch keeps it "
+                                "as the global micro-batch.")
 flags.mark_flag_as_required("partition")
 FLAGS = flags.FLAGS
 
@@ -47,6 +50,8 @@ def main(argv):
                          "[--config.key=value ...]")
   sweep = argv[1]
   variants = cli.variants_from_flags(sweep, _OVERRIDES)
+  if _PER_DEVICE.value:
+    variants = sweeps.per_device_batches(variants, _GPUS.value * _NODES.value)
   options = SlurmOptions(partition=_PARTITION.value, gpus=_GPUS.value, nodes=_NODES.value, time=_TIME.value,
                          cpus_per_gpu=_CPUS.value, mem=_MEM.value, account=_ACCOUNT.value, qos=_QOS.value,
                          constraint=_CONSTRAINT.value, max_parallel=_MAX_PARALLEL.value,

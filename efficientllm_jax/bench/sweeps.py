@@ -186,6 +186,15 @@ def tokens_per_step(cfg) -> int:
   return int(cfg.train.micro_batch) * int(cfg.train.grad_accum) * int(cfg.data.seq_len)
 
 
+def per_device_batches(variants: list[Variant], devices: int) -> list[Variant]:
+  """Weak scaling for a job of `devices` GPUs: each variant's train.micro_batch (the study's per-GPU figure,
+  4 / 2 / 1) times the device count, so every GPU keeps the micro-batch it has on one GPU."""
+  if devices == 1:
+    return list(variants)
+  return [v.with_overrides([("train.micro_batch", str(int(load_config(v).train.micro_batch) * devices))])
+          for v in variants]
+
+
 def with_token_budget(variants: list[Variant], tokens: int) -> list[Variant]:
   """Sets each variant's train.steps so it trains on at least `tokens` tokens (its own batch and sequence)."""
   out = []
