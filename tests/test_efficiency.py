@@ -24,7 +24,7 @@ def cfg_small(**metrics):
   return c
 
 
-def run_timeline(tmp_path, monkeypatch, cfg, **fake):
+def run_timeline(tmp_path, monkeypatch, cfg, counts=COUNTS, **fake):
   """Created at t=0; steps 0..3 done at 1, 2, 2.5, 3; eval 3..5; step 4 done at 6; finish at 6.
 
   With warm-up 2 (the compile step 0 and step 1), the measured steps are 2, 3 (0.5 s each) and 4 (1 s, timed from
@@ -34,7 +34,7 @@ def run_timeline(tmp_path, monkeypatch, cfg, **fake):
   install_fake_nvml(monkeypatch, clock, **fake)
   devs = [FakeDevice(0, "A", clock), FakeDevice(1, "B", clock)]
   mon = DeviceMonitor(devs, interval_s=3600, clock=clock)
-  e = eff_lib.Efficiency(cfg, COUNTS, workdir=tmp_path, monitor=mon, clock=clock, devices=devs)
+  e = eff_lib.Efficiency(cfg, counts, workdir=tmp_path, monitor=mon, clock=clock, devices=devs)
 
   def at(t):
     clock.t = t
@@ -119,8 +119,8 @@ def test_warmup_steps_is_configurable_and_compile_step_always_excluded(tmp_path,
 def test_moe_reports_active_parameter_versions(tmp_path, monkeypatch):
   c = cfg_small()
   c.ffn.kind = "moe"
-  s = run_timeline(tmp_path, monkeypatch, c)
   idle = 2 * (8 - 2) * 3 * 128 * 384  # layers x idle experts x SwiGLU(hidden 128, expert_dim 384)
+  s = run_timeline(tmp_path, monkeypatch, c, counts=dict(COUNTS, active=1_000_000 - idle))  # as param_counts gives
   assert s["params"]["active"] == 1_000_000 - idle
   assert s["TT_active"] == pytest.approx(s["tokens_per_s"] / (1_000_000 - idle))
   assert s["ST_active"] == pytest.approx(8 / s["AL_s"] / (1_000_000 - idle))

@@ -120,8 +120,6 @@ def test_moe_router_active_and_shared_experts():
   ffn = 2 * D * 8 + (2 + 1) * 3 * 2 * D * 32  # router + 2 routed + 1 shared SwiGLU experts
   fwd = L * (attn + T * ffn) + T * HEAD
   assert flops.training_flops_per_step(c) == per_step(fwd)
-  assert flops.active_params(c, 1_000_000) == 1_000_000 - 2 * 6 * 3 * 64 * 32  # 6 idle experts per layer
-  assert flops.active_params(small(), 1_000_000) is None
 
 
 def test_dense_attention_mode_counts_the_square():

@@ -185,10 +185,7 @@ class Efficiency:
     self.cfg, self.clock, self.writer = cfg, clock, writer
     self.workdir = Path(workdir) if workdir is not None else None
     self.t0 = clock()
-    self.counts = dict(counts)
-    active = flops_lib.active_params(cfg, counts["total"])
-    if active is not None:
-      self.counts["active"] = active
+    self.counts = dict(counts)  # models.transformer.param_counts: total, embedding, non_embedding, active
     t = cfg.train
     self.samples_per_step = t.micro_batch * t.grad_accum
     self.tokens_per_step = self.samples_per_step * cfg.data.seq_len

@@ -169,13 +169,3 @@ def training_flops_per_step(cfg, *, dense_attention: bool = False) -> float:
   sequences = cfg.train.micro_batch * cfg.train.grad_accum
   return 3.0 * forward_flops_per_sequence(cfg, dense_attention=dense_attention)["total"] * sequences
 
-
-def active_params(cfg, total: int) -> int | None:
-  """Parameters one token passes through: MoE leaves out the (num_experts - top_k) unrouted experts per layer
-  (each a bias-free SwiGLU of 3 * hidden * expert_dim); None for dense models (active == total)."""
-  if cfg.ffn.kind != "moe":
-    return None
-  mo = cfg.moe
-  idle = cfg.model.num_layers * (mo.num_experts - mo.top_k) * 3 * cfg.model.hidden * mo.expert_dim
-  return int(total - idle)
-
