@@ -41,7 +41,7 @@ case $stage in
           python -m launch.slurm attention --scale=paper --partition=local --gpus=4 --only=gqa_0.5B,gqa_1.5B \
             --steps=20 --script=$S/fsdp4.sbatch --config.checkpoint.every=0 --config.train.eval_batches=1 \
             --config.mesh.shape.data=1 --config.mesh.shape.fsdp=4 > /dev/null
-          python -m launch.slurm moe --scale=paper --partition=local --gpus=4 --only=moe_1.5Bx8 --steps=20 \
+          python -m launch.slurm moe --scale=paper --partition=local --gpus=4 --only=moe_1.5Bx8 --steps=10 \
             --script=$S/ep4.sbatch --config.checkpoint.every=0 --config.train.eval_batches=1 \
             --config.mesh.shape.data=1 --config.mesh.shape.expert=4 > /dev/null
           for job in fsdp4:0 fsdp4:1 ep4:0; do
