@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
 
 LOG2E = math.log2(math.e)
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp2(MASKED - m) == 0 and never NaN
@@ -271,10 +273,8 @@ def _compiler_params(p: FlashParams):
   if p.interpret:
     return None
   if p.backend == "gpu":
-    from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
     return plgpu.CompilerParams(num_warps=p.num_warps, num_stages=p.num_stages)
   if p.backend == "tpu":
-    from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
   return None
 
