@@ -126,33 +126,52 @@ def _num_coef(p: FlashParams) -> int:
   return {None: 0, "linear": 1, "step": len(p.thresholds)}[p.bias_kind]
 
 
-def _logits2(p: FlashParams, q_cols, k_cols, coef_cols, q_pos, k_pos):
-  """Base-2 logits with bias and mask, and the distance grid (for the bias gradient)."""
+def _logits2(p: FlashParams, q_cols, k_cols, coef_cols, q_pos, k_pos, masked: bool):
+  """Base-2 logits with bias (and mask, on edge blocks only), the mask (None inside) and the distance grid."""
   s = _qk(q_cols, k_cols) * (p.scale * LOG2E)
   dist = q_pos[:, None] - k_pos[None, :]
   if p.bias_kind:
     s = s + _bias(p, coef_cols, dist) * LOG2E
+  if not masked:
+    return s, None, dist
   mask = _mask(p, q_pos, k_pos)
   return jnp.where(mask, s, MASKED), mask, dist
 
 
 def _kv_range(p: FlashParams, r0):
-  """[lo, hi) kv blocks that rows r0 .. r0+bm-1 can see."""
+  """kv blocks for rows r0 .. r0+bm-1: [lo, hi) visible at all, [full_lo, full_hi) visible to every row (no mask)."""
   q_lo = p.q_offset + lax.div(r0, p.groups)
   q_hi = p.q_offset + lax.div(r0 + p.block_q - 1, p.groups)
   hi = jnp.minimum(_cdiv(q_hi + 1, p.block_k), -(-p.s_len // p.block_k))
-  lo = lax.div(jnp.maximum(q_lo - p.window + 1, 0), p.block_k) if p.window else 0
-  return lo, hi
+  full_hi = jnp.minimum(lax.div(q_lo + 1, p.block_k), p.s_len // p.block_k)  # keys <= q_lo and < S throughout
+  if not p.window:
+    return 0, hi, 0, full_hi
+  lo = lax.div(jnp.maximum(q_lo - p.window + 1, 0), p.block_k)
+  full_lo = _cdiv(jnp.maximum(q_hi - p.window + 1, 0), p.block_k)  # keys inside every row's window
+  return lo, hi, full_lo, full_hi
 
 
 def _row_range(p: FlashParams, c0, num_row_blocks: int):
-  """[lo, hi) row blocks that see any of keys c0 .. c0+bk-1."""
-  g = p.groups
-  lo = lax.div(jnp.maximum((c0 - p.q_offset) * g, 0), p.block_q)
+  """Row blocks for keys c0 .. c0+bk-1: [lo, hi) that see any of them, [full_lo, full_hi) that see all of them."""
+  g, bm = p.groups, p.block_q
+  lo = lax.div(jnp.maximum((c0 - p.q_offset) * g, 0), bm)
+  full_lo = _cdiv(jnp.maximum((c0 + p.block_k - 1 - p.q_offset) * g, 0), bm)  # first row position >= last key
+  full_lo = jnp.where(c0 + p.block_k > p.s_len, num_row_blocks, full_lo)  # padded keys: mask everywhere
   if not p.window:
-    return lo, num_row_blocks
-  r_end = jnp.clip((c0 + p.block_k + p.window - 1 - p.q_offset) * g, 0, num_row_blocks * p.block_q)
-  return lo, _cdiv(r_end, p.block_q)
+    return lo, num_row_blocks, full_lo, num_row_blocks
+  r_end = jnp.clip((c0 + p.block_k + p.window - 1 - p.q_offset) * g, 0, num_row_blocks * bm)
+  full_hi = lax.div(jnp.maximum((c0 + p.window - p.q_offset) * g, 0), bm)  # last row position <= c0 + window - 1
+  return lo, _cdiv(r_end, bm), full_lo, full_hi
+
+
+def _segmented_loop(ranges, body, init):
+  """fori_loop over [lo, hi) with the mask applied only outside [full_lo, full_hi) (edge blocks)."""
+  lo, hi, full_lo, full_hi = ranges
+  a = jnp.clip(full_lo, lo, hi)
+  b = jnp.clip(full_hi, a, hi)
+  carry = lax.fori_loop(lo, a, functools.partial(body, masked=True), init)
+  carry = lax.fori_loop(a, b, functools.partial(body, masked=False), carry)
+  return lax.fori_loop(b, hi, functools.partial(body, masked=True), carry)
 
 
 # ------------------------------------------------------------------------------------------------------ kernels
@@ -166,12 +185,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *rest, p: FlashParams, dqk: int, dv: int):
   coef_cols = [coef_ref[n, :] for n in range(_num_coef(p))] if p.bias_kind else []
   bm = p.block_q
 
-  def body(j, carry):
+  def body(j, carry, masked):
     m, l, accs = carry
     c0 = j * p.block_k
     keys = pl.ds(c0, p.block_k)
     k_pos = c0 + jnp.arange(p.block_k, dtype=jnp.int32)
-    s, _, _ = _logits2(p, q_cols, _load_cols(k_ref, keys, dqk), coef_cols, q_pos, k_pos)
+    s, _, _ = _logits2(p, q_cols, _load_cols(k_ref, keys, dqk), coef_cols, q_pos, k_pos, masked)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp2(m - m_new)
     probs = jnp.exp2(s - m_new[:, None])
@@ -180,10 +199,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *rest, p: FlashParams, dqk: int, dv: int):
     accs = tuple(a * alpha[:, None] + _dot(pv, vc) for a, vc in zip(accs, _load_cols(v_ref, keys, dv)))
     return m_new, l, accs
 
-  lo, hi = _kv_range(p, r0)
   init = (jnp.full((bm,), MASKED, jnp.float32), jnp.zeros((bm,), jnp.float32),
           tuple(jnp.zeros((bm, n), jnp.float32) for _, n in _chunks(dv)))
-  m, l, accs = lax.fori_loop(lo, hi, body, init)
+  m, l, accs = _segmented_loop(_kv_range(p, r0), body, init)
   l_safe = jnp.where(l == 0.0, 1.0, l)  # a row that sees no key (padding) stays finite
   for (start, n), acc in zip(_chunks(dv), accs):
     o_ref[:, pl.ds(start, n)] = (acc / l_safe[:, None]).astype(o_ref.dtype)
@@ -201,14 +219,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, p: FlashP
   coef_cols = [coef_ref[n, :] for n in range(nc)] if p.bias_kind else []
   bm = p.block_q
 
-  def body(j, carry):
+  def body(j, carry, masked):
     dqs, dcs = carry
     c0 = j * p.block_k
     keys = pl.ds(c0, p.block_k)
     k_pos = c0 + jnp.arange(p.block_k, dtype=jnp.int32)
     k_cols = _load_cols(k_ref, keys, dqk)
-    s, mask, dist = _logits2(p, q_cols, k_cols, coef_cols, q_pos, k_pos)
-    probs = jnp.where(mask, jnp.exp2(s - lse[:, None]), 0.0)
+    s, mask, dist = _logits2(p, q_cols, k_cols, coef_cols, q_pos, k_pos, masked)
+    probs = jnp.exp2(s - lse[:, None])
+    probs = jnp.where(mask, probs, 0.0) if masked else probs
     dp = _qk(do_cols, _load_cols(v_ref, keys, dv))
     ds = probs * (dp - delta[:, None])  # d loss / d logit (natural units, bias included)
     dsk = ds.astype(k_ref.dtype)
@@ -219,10 +238,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, p: FlashP
       dcs = tuple(c + jnp.sum(jnp.where(dist >= thr, ds, 0.0), axis=1) for c, thr in zip(dcs, p.thresholds))
     return dqs, dcs
 
-  lo, hi = _kv_range(p, r0)
   init = (tuple(jnp.zeros((bm, n), jnp.float32) for _, n in _chunks(dqk)),
           tuple(jnp.zeros((bm,), jnp.float32) for _ in range(nc)))
-  dqs, dcs = lax.fori_loop(lo, hi, body, init)
+  dqs, dcs = _segmented_loop(_kv_range(p, r0), body, init)
   for (start, n), acc in zip(_chunks(dqk), dqs):
     dq_ref[:, pl.ds(start, n)] = (acc * p.scale).astype(dq_ref.dtype)
   for n, c in enumerate(dcs):
@@ -239,7 +257,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, p: Flash
   nc = _num_coef(p)
   bk = p.block_k
 
-  def body(i, carry):
+  def body(i, carry, masked):
     dks, dvs = carry
     r0 = i * p.block_q
     rows = pl.ds(r0, p.block_q)
@@ -247,8 +265,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, p: Flash
     q_cols = _load_cols(q_ref, rows, dqk)
     do_cols = _load_cols(do_ref, rows, dv)
     coef_cols = [coef_ref[n, rows] for n in range(nc)] if p.bias_kind else []
-    s, mask, _ = _logits2(p, q_cols, k_cols, coef_cols, q_pos, k_pos)
-    probs = jnp.where(mask, jnp.exp2(s - lse_ref[rows][:, None]), 0.0)
+    s, mask, _ = _logits2(p, q_cols, k_cols, coef_cols, q_pos, k_pos, masked)
+    probs = jnp.exp2(s - lse_ref[rows][:, None])
+    probs = jnp.where(mask, probs, 0.0) if masked else probs
     pd = probs.astype(do_ref.dtype)
     dvs = tuple(a + _dot(pd, dc, trans_a=True) for a, dc in zip(dvs, do_cols))
     dp = _qk(do_cols, v_cols)
@@ -256,10 +275,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, p: Flash
     dks = tuple(a + _dot(ds, qc, trans_a=True) for a, qc in zip(dks, q_cols))
     return dks, dvs
 
-  lo, hi = _row_range(p, c0, num_row_blocks)
   init = (tuple(jnp.zeros((bk, n), jnp.float32) for _, n in _chunks(dqk)),
           tuple(jnp.zeros((bk, n), jnp.float32) for _, n in _chunks(dv)))
-  dks, dvs = lax.fori_loop(lo, hi, body, init)
+  dks, dvs = _segmented_loop(_row_range(p, c0, num_row_blocks), body, init)
   for (start, n), acc in zip(_chunks(dqk), dks):
     dk_ref[:, pl.ds(start, n)] = (acc * p.scale).astype(dk_ref.dtype)
   for (start, n), acc in zip(_chunks(dv), dvs):
