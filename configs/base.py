@@ -45,8 +45,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
   c.attention = a = ml_collections.ConfigDict()
   a.kind = "gqa"  # mha | gqa | mqa (num_kv_heads decides) | mla | nsa
-  a.impl = "auto"  # auto | xla | cudnn
+  a.impl = "auto"  # auto | xla | cudnn | pallas (models/attention/ops.py)
   a.window = 0  # sliding window in tokens, 0 = full causal
+  # Flash-kernel tiles (impl pallas, kernels/flash): block_q rows of (query, group head), block_k keys (powers of
+  # two >= 16); num_warps / num_stages are the Triton launch parameters (GPU only).
+  a.pallas = ml_collections.ConfigDict()
+  a.pallas.block_q = 64
+  a.pallas.block_k = 64
+  a.pallas.num_warps = 4
+  a.pallas.num_stages = 2
   # MLA (DeepSeek-V2), used when kind == "mla"; suite defaults: kv_lora_rank = hidden/8 (EfficientLLM).
   a.mla = ml_collections.ConfigDict()
   a.mla.kv_lora_rank = max(s["hidden"] // 8, 8)

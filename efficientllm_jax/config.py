@@ -12,7 +12,7 @@ from typing import Any
 import ml_collections
 
 ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla", "nsa")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 POSITION_KINDS = ("rope", "sinusoidal", "learned", "relative", "alibi", "none")
 BIAS_POSITION_KINDS = ("relative", "alibi")  # logit-bias schemes (ctx.bias)
 NSA_IMPLS = ("reference", "pallas")  # attention.nsa.impl: pure JAX (models/attention/nsa.py) | kernels/nsa
@@ -341,9 +341,23 @@ def validate_nsa_impl(c) -> None:
                         "use attention.nsa.impl=reference")
 
 
+def validate_pallas(c) -> None:
+  """attention.pallas.* (flash-kernel tiles), checked whenever present: auto picks the kernel on TPU."""
+  if "pallas" not in c.attention:
+    return
+  for key in ("block_q", "block_k"):
+    n = _positive_int(c, f"attention.pallas.{key}")
+    if n < 16 or n & (n - 1):
+      raise ConfigError(f"attention.pallas.{key}={n} must be a power of two >= 16 (Triton tiles): e.g. 32, 64, 128")
+  warps = _positive_int(c, "attention.pallas.num_warps")
+  if warps & (warps - 1) or warps > 16:
+    raise ConfigError(f"attention.pallas.num_warps={warps} must be 1, 2, 4, 8 or 16 (warps per Triton program)")
+  _positive_int(c, "attention.pallas.num_stages")
+
+
 VALIDATORS = [validate_model, validate_attention, validate_mla, validate_nsa, validate_position, validate_position_kinds,
               validate_ffn, validate_moe, validate_data, validate_train, validate_metrics, validate_mesh,
-              validate_checkpoint, validate_init, validate_nsa_impl]
+              validate_checkpoint, validate_init, validate_nsa_impl, validate_pallas]
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

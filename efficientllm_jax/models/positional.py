@@ -172,6 +172,20 @@ class T5Bias:
     bucket_ts = t5_buckets(q_pos_t, k_pos_s, self.num_buckets, self.max_distance)
     return jnp.moveaxis(self.table_nh.astype(jnp.float32)[bucket_ts], -1, 0)  # [H, t, s]
 
+  def kernel_terms(self):
+    """For the flash kernel's step bias: bias(d) = sum_n [d >= thr_n] * coef[n, h] with d = q_pos - k_pos.
+
+    The bucket LUT is non-decreasing, so bucket(d) = (thresholds passed) - 1 with thr_n = min{d: bucket(d) >= n}
+    (exact, no log in the kernel), and coef holds the table's per-bucket deltas (differentiable: its gradient maps
+    back to the table). Buckets past the LUT's last one never occur and get no coefficient.
+    """
+    lut = t5_bucket_lut(self.num_buckets, self.max_distance)
+    last = lut[-1]
+    thresholds = tuple(next(d for d, b in enumerate(lut) if b >= n) for n in range(last + 1))
+    table = self.table_nh[: last + 1].astype(jnp.float32)
+    coef_nh = jnp.concatenate([table[:1], table[1:] - table[:-1]], axis=0)
+    return "step", thresholds, coef_nh
+
 
 class Relative(NoPosition):
   """T5 relative position bias, causal bucketing; one table shared by every layer, as in T5 (Raffel et al.
@@ -207,6 +221,10 @@ class ALiBiBias:
   def dense(self, q_pos_t, k_pos_s):
     dist_ts = (q_pos_t[:, None] - k_pos_s[None, :]).astype(jnp.float32)
     return -self.slopes_h.astype(jnp.float32)[:, None, None] * dist_ts
+
+  def kernel_terms(self):
+    """For the flash kernel's linear bias: bias(d) = coef[0, h] * d with d = q_pos - k_pos."""
+    return "linear", (), -self.slopes_h.astype(jnp.float32)[None, :]
 
 
 class ALiBi(NoPosition):

@@ -65,6 +65,7 @@ class MLA(nnx.Module):
     self.o = dense((h, self.dv), d, ("heads", "head_dim", "embed"), cfg=cfg, rngs=rngs, axis=(-2, -1))
     self.scale = 1.0 / math.sqrt(self.dn + self.dr)
     self.impl = cfg.attention.impl
+    self.pallas = ops.PallasBlocks.from_config(cfg)  # flash-kernel tiles (impl pallas)
     self.window = int(cfg.attention.window)
     self.dtype = dtype(m.dtype)
 
@@ -88,7 +89,7 @@ class MLA(nnx.Module):
     k_bthd = jnp.concatenate([self.k_up(c_btc), kr_bthr], axis=-1)
     v_bthv = self.v_up(c_btc)
     out_bthv = ops.attention(q_bthd, k_bthd, v_bthv, impl=self.impl, scale=self.scale, bias=ctx.bias,
-                             window=self.window)
+                             window=self.window, pallas=self.pallas)
     return self.o(out_bthv)
 
   # ---------------------------------------------------------------------------------------------- inference

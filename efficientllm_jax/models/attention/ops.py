@@ -6,15 +6,21 @@ Variants (gqa.py, mla.py, ...) build q/k/v; `attention()` picks the kernel by `i
          never [B, H, T, S]; with a sliding window each block reads only its block_q + window - 1 keys.
   cudnn  jax.nn.dot_product_attention(implementation="cudnn"), is_causal=True (+ local_window_size), never a
          dense mask. Unequal qk / v head dims (MLA) are zero-padded to the larger one and the output sliced.
-  auto   cudnn where `cudnn_supports` says it applies, else xla (the reason is logged once).
+  pallas the flash kernel of efficientllm_jax/kernels/flash (Triton lowering on GPU, Mosaic on TPU, interpret mode
+         on CPU): GQA-native, windowed, unequal qk / v head dims without padding, relative / ALiBi biases in-kernel
+         (bias objects hand it `kernel_terms()`); block sizes from attention.pallas.*.
+  auto   GPU: cudnn where `cudnn_supports` says it applies, else xla (the reason is logged once); TPU: pallas where
+         `pallas_supports` says it applies, else xla; CPU: xla.
 Layouts: q [B, T, H, Dqk], k [B, S, K, Dqk], v [B, S, K, Dv] with H % K == 0 (query head h uses K/V head
 h // (H / K), the grouping of jax.nn.dot_product_attention). Query i sits at position q_offset + i, key j at j.
 A logit bias (relative / ALiBi positions) is an object with `dense(q_pos [t], k_pos [s]) -> [H, t, s]` (fp32,
-a pytree); the xla path evaluates it per query block with that block's positions, cuDNN never takes one.
+a pytree); the xla path evaluates it per query block with that block's positions, cuDNN never takes one, the
+pallas kernel takes its `kernel_terms()` (kind, distance thresholds, per-head coefficients).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -144,10 +150,57 @@ def cudnn_supports(q, k, v, bias, q_offset: int = 0) -> str | None:
   return None
 
 
+PALLAS_MIN_DIM = 16  # Triton's tensor-core dot needs each power-of-two head-dim chunk to be >= 16
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasBlocks:
+  """Tile sizes of the flash kernel (config attention.pallas.*); block_q counts (query, group head) rows."""
+  block_q: int = 64
+  block_k: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+
+  @classmethod
+  def from_config(cls, cfg) -> PallasBlocks:
+    p = cfg.attention.get("pallas") if hasattr(cfg, "attention") else None
+    return cls(**{f: int(p[f]) for f in ("block_q", "block_k", "num_warps", "num_stages")}) if p else cls()
+
+
+def pallas_supports(q, k, v, bias) -> str | None:
+  """None if the flash kernel can run this call on this platform, else the reason it cannot."""
+  backend = jax.default_backend()
+  if bias is not None and not hasattr(bias, "kernel_terms"):
+    return f"bias {type(bias).__name__} has no kernel_terms() for the flash kernel"
+  if backend == "gpu":
+    for name, d in (("q/k", q.shape[-1]), ("v", v.shape[-1])):
+      if d % PALLAS_MIN_DIM:
+        return f"{name} head dim {d} (the Triton kernel needs a multiple of {PALLAS_MIN_DIM})"
+  return None
+
+
+def pallas_attention(q, k, v, *, scale: float, bias=None, window: int = 0, q_offset: int = 0,
+                     blocks: PallasBlocks | None = None):
+  """The Pallas flash kernel (kernels/flash); biases go in as their kernel_terms(), never dense."""
+  from efficientllm_jax.kernels.flash import flash_attention  # noqa: PLC0415  (keeps pallas off the import path)
+  kind, thresholds, coef_nh = bias.kernel_terms() if bias is not None else (None, (), None)
+  return flash_attention(q, k, v, scale=scale, window=window, q_offset=q_offset, bias_kind=kind,
+                         bias_thresholds=thresholds, bias_coef_nh=coef_nh,
+                         **dataclasses.asdict(blocks or PallasBlocks()))
+
+
 def attention(q, k, v, *, impl: str = "auto", scale: float | None = None, bias=None, window: int = 0,
-              block_q: int | None = None):
+              block_q: int | None = None, pallas: PallasBlocks | None = None):
   """Causal self-attention over [B, T, H, D] queries; returns [B, T, H, Dv] in q's dtype."""
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+  if impl == "pallas" or (impl == "auto" and jax.default_backend() == "tpu"):
+    reason = pallas_supports(q, k, v, bias)
+    if reason is None:
+      return pallas_attention(q, k, v, scale=scale, bias=bias, window=window, blocks=pallas)
+    if impl == "pallas":
+      raise ConfigError(f"attention.impl='pallas' cannot run this call: {reason}; use attention.impl=auto or xla")
+    _log_once(f"attention: xla path ({reason})", logging.WARNING)
+    return xla_attention(q, k, v, scale=scale, bias=bias, window=window, block_q=block_q)
   if impl in ("auto", "cudnn"):
     reason = cudnn_supports(q, k, v, bias)
     if reason is None:

@@ -1,0 +1,146 @@
+"""Flash-attention kernel (kernels/flash, interpret mode on CPU) vs independent references: outputs and gradients.
+
+References: kernels/flash/reference.py (dense fp32 softmax, repeated K/V heads) and ops.xla_attention with the
+positional bias objects' own dense() (LUT gather), so the kernel's row flattening, base-2 online softmax,
+threshold-counted buckets and block skipping are all checked against code that shares none of them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from efficientllm_jax.config import ConfigError, validate
+from efficientllm_jax.kernels.flash import flash_attention, reference_attention
+from efficientllm_jax.models.attention import ops
+from efficientllm_jax.models.positional import ALiBiBias, T5Bias, alibi_slopes
+from tests.conftest import tiny_config
+
+
+def _qkv(seed, b, t, s, h, kvh, dqk, dv, dtype=jnp.float32):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(ks[0], (b, t, h, dqk), dtype)
+  k = jax.random.normal(ks[1], (b, s, kvh, dqk), dtype)
+  v = jax.random.normal(ks[2], (b, s, kvh, dv), dtype)
+  do = jax.random.normal(ks[3], (b, t, h, dv), dtype)
+  return q, k, v, do
+
+
+# Interpret-mode kernels are compile-bound on CPU: XLA's cheapest backend optimisation cuts that by about a third.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _out_and_grads(fn, args, do):
+  """One jit: output and the cotangent-weighted gradients w.r.t. every arg (one compile per case)."""
+  def run(*xs):
+    out, vjp = jax.vjp(fn, *xs)
+    return out, vjp(do)
+  opts = FAST_COMPILE if jax.default_backend() == "cpu" else None
+  return jax.jit(run).lower(*args).compile(compiler_options=opts)(*args)
+
+
+def _close(got, want, atol=2e-5, rtol=1e-4):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=atol, rtol=rtol)
+
+
+def test_gqa_causal_odd_lengths_with_relative_bias_through_ops():
+  """GQA 4/2, T = S = 75 over 32-row / 32-key tiles (tails masked), T5 table learned: dq, dk, dv and d table."""
+  q, k, v, do = _qkv(0, 1, 75, 75, 4, 2, 32, 32)
+  table = jax.random.normal(jax.random.key(9), (6, 4))
+  blocks = ops.PallasBlocks(block_q=32, block_k=32)
+
+  def kernel(q, k, v, table):
+    return ops.attention(q, k, v, impl="pallas", bias=T5Bias(table, 6, 16), pallas=blocks)
+
+  def xla(q, k, v, table):
+    return ops.xla_attention(q, k, v, scale=32 ** -0.5, bias=T5Bias(table, 6, 16))
+
+  got, want = _out_and_grads(kernel, (q, k, v, table), do), _out_and_grads(xla, (q, k, v, table), do)
+  _close(got[0], want[0])
+  _close(got[1][:3], want[1][:3])
+  _close(got[1][3], want[1][3], atol=1e-4)  # the table gradient sums ~T*S/buckets terms
+  assert float(jnp.abs(want[1][3]).min()) > 0  # every bucket occurs at these lengths: the check is not vacuous
+
+
+def test_window_query_offset_alibi_unequal_head_dims():
+  """GQA 6/2 (rows interleave 3 heads), 40 queries at offset 35 over 75 keys, window 20 (kv blocks before the
+  window are skipped), ALiBi slopes, q/k dim 48 (= 32 + 16 column chunks) != v dim 16."""
+  q, k, v, do = _qkv(1, 2, 40, 75, 6, 2, 48, 16)
+  bias = ALiBiBias(jnp.asarray(alibi_slopes(6), jnp.float32))
+  kind, thr, coef = bias.kernel_terms()
+
+  def kernel(q, k, v):
+    return flash_attention(q, k, v, window=20, q_offset=35, bias_kind=kind, bias_thresholds=thr, bias_coef_nh=coef,
+                           block_q=16, block_k=16)
+
+  def xla(q, k, v):
+    return ops.xla_attention(q, k, v, scale=48 ** -0.5, bias=bias, window=20, q_offset=35)
+
+  _close(_out_and_grads(kernel, (q, k, v), do), _out_and_grads(xla, (q, k, v), do))
+
+
+@pytest.mark.parametrize("h,kvh", [(2, 2), (3, 1)], ids=["mha", "mqa"])
+def test_mha_mqa_bf16_window(h, kvh):
+  """MHA (G = 1) and MQA (G = 3), bf16 inputs with fp32 accumulation, window of 9 over 33 tokens."""
+  q, k, v, do = _qkv(3, 1, 33, 33, h, kvh, 16, 16, jnp.bfloat16)
+  kernel = lambda q, k, v: flash_attention(q, k, v, window=9, scale=0.4, block_q=16, block_k=16)  # noqa: E731
+  ref = lambda q, k, v: reference_attention(q, k, v, window=9, scale=0.4)  # noqa: E731
+  _close(_out_and_grads(kernel, (q, k, v), do), _out_and_grads(ref, (q, k, v), do), atol=3e-2, rtol=3e-2)
+
+
+def test_t5_kernel_terms_reproduce_the_bucket_table():
+  """The threshold/delta form the kernel evaluates equals table[bucket(d)] for every distance (plain numpy)."""
+  table = np.random.default_rng(0).normal(size=(32, 3)).astype(np.float32)
+  kind, thr, coef = T5Bias(jnp.asarray(table), 32, 128).kernel_terms()
+  assert kind == "step"
+  d = np.arange(0, 300)
+  got = (d[:, None] >= np.asarray(thr)[None, :]).astype(np.float32) @ np.asarray(coef)  # [d, H]
+  want = np.moveaxis(np.asarray(T5Bias(jnp.asarray(table), 32, 128).dense(jnp.asarray(d), jnp.zeros(1, jnp.int32))),
+                     0, -1)[:, 0]
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("attention.impl", "flash", "attention.impl='flash' is not known"),
+    ("attention.pallas.block_q", 48, "attention.pallas.block_q=48 must be a power of two >= 16"),
+    ("attention.pallas.block_k", 8, "attention.pallas.block_k=8 must be a power of two >= 16"),
+    ("attention.pallas.num_warps", 3, "attention.pallas.num_warps=3 must be 1, 2, 4, 8 or 16"),
+    ("attention.pallas.num_stages", 0, "attention.pallas.num_stages=0 must be a positive integer"),
+])
+def test_pallas_config_errors(key, value, msg):
+  with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+    validate(tiny_config(**{key: value}))
+
+
+def test_pallas_config_accepted_and_read():
+  cfg = validate(tiny_config(**{"attention.impl": "pallas", "attention.pallas.block_q": 128}))
+  assert ops.PallasBlocks.from_config(cfg) == ops.PallasBlocks(block_q=128, block_k=64, num_warps=4, num_stages=2)
+
+
+gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (compiled Triton kernel)")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("h,kvh,dqk,dv,window,rel", [
+    (12, 2, 128, 128, 0, False),  # Qwen2.5-1.5B layout
+    (14, 2, 64, 64, 256, False),  # 0.5B layout, sliding window
+    (16, 16, 192, 128, 0, False),  # MLA dims, no padding
+    (12, 2, 128, 128, 0, True),  # T5 relative bias in the kernel
+])
+def test_gpu_compiled_kernel_matches_xla_bf16(h, kvh, dqk, dv, window, rel):
+  """The compiled (Triton) kernel vs the xla path at S = 2048, bf16 inputs: outputs and gradients."""
+  q, k, v, do = _qkv(4, 1, 2048, 2048, h, kvh, dqk, dv, jnp.bfloat16)
+  table = jax.random.normal(jax.random.key(5), (32, h)) * 0.5
+  bias = (lambda tb: T5Bias(tb, 32, 128)) if rel else (lambda tb: None)
+  kernel = lambda q, k, v, tb: ops.attention(q, k, v, impl="pallas", bias=bias(tb), window=window)  # noqa: E731
+  xla = lambda q, k, v, tb: ops.attention(q, k, v, impl="xla", bias=bias(tb), window=window)  # noqa: E731
+  got = _out_and_grads(kernel, (q, k, v, table), do)
+  want = _out_and_grads(xla, (q, k, v, table), do)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    scale = max(float(np.abs(w).max()), 1e-6)
+    assert float(np.abs(g - w).max()) / scale < 3e-2, (g.shape, float(np.abs(g - w).max()), scale)
