@@ -39,10 +39,10 @@ case $stage in
             --out=$out/scaling4.json ;;
   slurm4) S=results/efficientllm_benchmark/slurm
           python -m launch.slurm attention --scale=paper --partition=local --gpus=4 --only=gqa_0.5B,gqa_1.5B \
-            --steps=20 --script=$S/fsdp4.sbatch --config.checkpoint.every=0 --config.train.eval_batches=1 \
+            --steps=20 --script=$S/fsdp4.sbatch --config.checkpoint.every=0 --config.train.eval_batches=1 --config.data.eval_fraction=0.06 \
             --config.mesh.shape.data=1 --config.mesh.shape.fsdp=4 > /dev/null
           python -m launch.slurm moe --scale=paper --partition=local --gpus=4 --only=moe_1.5Bx8 --steps=10 \
-            --script=$S/ep4.sbatch --config.checkpoint.every=0 --config.train.eval_batches=1 \
+            --script=$S/ep4.sbatch --config.checkpoint.every=0 --config.train.eval_batches=1 --config.data.eval_fraction=0.06 \
             --config.mesh.shape.data=1 --config.mesh.shape.expert=4 > /dev/null
           for job in fsdp4:0 fsdp4:1 ep4:0; do
             PATH=$PWD/benchmarks/local_slurm:$PATH SLURM_ARRAY_TASK_ID=${job#*:} timeout 200 bash $S/${job%:*}.sbatch \

@@ -51,7 +51,8 @@ def _args(size: str, mesh: dict[str, int], steps: int, workdir: Path) -> list[st
     gpus *= v
   args = [sys.executable, "-m", "launch", f"--config=configs/base.py:{size}", f"--workdir={workdir}",
           f"--config.train.steps={steps}", "--config.train.log_every=5", "--config.train.eval_batches=1",
-          f"--config.train.micro_batch={base.SIZES[size]['micro_batch'] * gpus}", "--config.checkpoint.every=0"]
+          f"--config.train.micro_batch={base.SIZES[size]['micro_batch'] * gpus}", "--config.checkpoint.every=0",
+          "--config.data.eval_fraction=0.06"]  # 4 GPUs x micro-batch 4 needs 16 held-out sequences of 8K
   args += [f"--config.mesh.shape.{k}={v}" for k, v in dict(dict(data=1, fsdp=1, tensor=1, expert=1), **mesh).items()]
   return args + [a if a.startswith("--config.") else f"--config.{a}" for a in _EXTRA.value]
 
