@@ -16,6 +16,7 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 POSITION_KINDS = ("rope", "sinusoidal", "learned", "relative", "alibi", "none")
 BIAS_POSITION_KINDS = ("relative", "alibi")  # logit-bias schemes (ctx.bias)
 FFN_KINDS = ("dense", "moe")
+MOE_IMPLS = ("ragged_dot", "pallas")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 TOKENIZERS = ("bpe", "bytes")
@@ -321,9 +322,16 @@ def validate_init(c) -> None:
     raise ConfigError(f"init.checkpoint={c.init.checkpoint!r} must be a path string (\"\" = random init)")
 
 
+def validate_moe_impl(c) -> None:
+  """moe.impl picks the dropless grouped matmul; the capacity path (batched einsum) ignores it."""
+  if _get(c, "ffn.kind") != "moe":
+    return
+  _one_of(c, "moe.impl", MOE_IMPLS)
+
+
 VALIDATORS = [validate_model, validate_attention, validate_mla, validate_nsa, validate_position, validate_position_kinds,
               validate_ffn, validate_moe, validate_data, validate_train, validate_metrics, validate_mesh,
-              validate_checkpoint, validate_init]
+              validate_checkpoint, validate_init, validate_moe_impl]
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
