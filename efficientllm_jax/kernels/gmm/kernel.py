@@ -190,8 +190,8 @@ def _tgmm_kernel(start_ref, end_ref, x_ref, dy_ref, o_ref, *, bm: int, bn: int, 
     r0 = pl.multiple_of(i * bm, bm)
     rows = r0 + jnp.arange(bm, dtype=jnp.int32)
     in_group = ((rows >= start) & (rows < end))[:, None]
-    x = plgpu.load(x_ref.at[pl.ds(r0, bm), pl.ds(k0, bk)], mask=jnp.broadcast_to(in_group, (bm, bk)), other=0)
-    dy = plgpu.load(dy_ref.at[pl.ds(r0, bm), pl.ds(n0, bn)], mask=jnp.broadcast_to(in_group, (bm, bn)), other=0)
+    x = plgpu.load(x_ref.at[pl.ds(r0, bm), pl.ds(k0, bk)], mask=jnp.broadcast_to(in_group, (bm, bk)), other=0.0)
+    dy = plgpu.load(dy_ref.at[pl.ds(r0, bm), pl.ds(n0, bn)], mask=jnp.broadcast_to(in_group, (bm, bn)), other=0.0)
     prec = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
     return acc + plgpu.dot(x.T, dy, precision=prec)
 
