@@ -145,6 +145,24 @@ def test_moe_impl_is_validated():
   config_lib.validate(moe_cfg("pallas"))
 
 
+def test_kernels_lower_to_triton_for_h100(monkeypatch):
+  """Without a GPU: the three kernels (fwd, dx, dw) go through Pallas' Triton lowering for an H100, so an
+  unsupported primitive or indexing form fails here rather than on the GPU machine."""
+  from jax._src.pallas.triton import gpu_info, pallas_call_registration  # noqa: PLC0415 - private, pinned jax
+  h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
+  monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: h100)
+  x = jax.ShapeDtypeStruct((512, 256), jnp.bfloat16)
+  w = jax.ShapeDtypeStruct((4, 256, 384), jnp.bfloat16)
+  sizes = jax.ShapeDtypeStruct((4,), jnp.int32)
+
+  def fwd_bwd(x, w, s):
+    y, vjp = jax.vjp(lambda a, b: gmm(a, b, s, interpret=False), x, w)
+    return y, vjp(y)
+
+  hlo = jax.jit(fwd_bwd).trace(x, w, sizes).lower(lowering_platforms=("cuda",)).as_text()
+  assert hlo.count("__gpu$xla.gpu.triton") == 3
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles the Triton kernels: needs a CUDA GPU")
 def test_gmm_compiles_on_gpu_and_matches_reference():
