@@ -37,8 +37,7 @@ from efficientllm_jax.kernels.gmm import gmm  # noqa: E402
 # preset -> (routed rows, [(name, K, N)]): rows = seq 8192 x micro-batch x top-2.
 SHAPES = {
     "0.5Bx8": (65536, [("up 896->4864", 896, 4864), ("gate+up 896->9728", 896, 9728), ("down 4864->896", 4864, 896)]),
-    "1.5Bx8": (32768, [("up 1536->8960", 1536, 8960), ("gate+up 1536->17920", 1536, 17920),
-                       ("down 8960->1536", 8960, 1536)]),
+    "1.5Bx8": (32768, [("up 1536->8960", 1536, 8960), ("down 8960->1536", 8960, 1536)]),
 }
 EXPERTS = 8
 
@@ -97,17 +96,18 @@ def pass_fns(impl: str, sizes_e, cfg: GmmConfig | None):
   return fns
 
 
-def check(x, w, dy, sizes_e, cfg) -> str:
-  """Relative error of the kernel's y, dx, dw against ragged_dot's (bf16 outputs: ~1e-3 expected)."""
-  def both(f):
+def fwd_bwd_outputs(f, x, w, dy):
+  """(y, dx, dw) of f as float32 numpy arrays."""
+  def both(x, w, dy):
     y, vjp = jax.vjp(f, x, w)
     return (y, *vjp(dy))
-  got = jax.jit(lambda x, w, dy: both(lambda a, b: gmm(a, b, sizes_e, config=cfg)))(x, w, dy)
-  want = jax.jit(lambda x, w, dy: both(lambda a, b: jax.lax.ragged_dot(a, b, sizes_e)))(x, w, dy)
-  errs = []
-  for name, a, b in zip(("y", "dx", "dw"), got, want):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    errs.append(f"{name} {np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30):.1e}")
+  return [np.asarray(a, np.float32) for a in jax.jit(both)(x, w, dy)]
+
+
+def check(got, want) -> str:
+  """Relative errors of the kernel's y, dx, dw against ragged_dot's (bf16 outputs: ~1e-3 expected)."""
+  errs = [f"{name} {np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30):.1e}"
+          for name, a, b in zip(("y", "dx", "dw"), got, want)]
   return "rel err vs ragged_dot: " + ", ".join(errs)
 
 
@@ -121,15 +121,19 @@ def run_shape(name, rows, k, n, sizes, cfgs, args, dt):
   impls = [("dense", None, (x, w[0], dy)), ("ragged_dot", None, (x, w, dy))]
   impls += [("pallas", c, (x, w, dy)) for c in cfgs]
   dense_tfs = {}
+  want = fwd_bwd_outputs(lambda a, b: jax.lax.ragged_dot(a, b, sizes_e), x, w, dy)
   for impl, cfg, fargs in impls:
     label = impl if cfg is None else f"pallas {cfg.fwd}/{cfg.dlhs}/{cfg.drhs}"
     if impl == "pallas":
       try:
-        print(f"  {label}: {check(x, w, dy, sizes_e, cfg)}", flush=True)
+        got = fwd_bwd_outputs(lambda a, b, cfg=cfg: gmm(a, b, sizes_e, config=cfg), x, w, dy)
+        print(f"  {label}: {check(got, want)}", flush=True)
       except Exception as e:  # noqa: BLE001 - one bad tiling must not stop the sweep
         print(f"  {label}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
         continue
     for pass_name, (fn, mult) in pass_fns(impl, sizes_e, cfg).items():
+      if args.passes and pass_name not in args.passes.split(",") and impl == "pallas":
+        continue
       if impl == "ragged_dot" and pass_name == "fwd+bwd" and args.skip_ragged_bwd:
         continue
       try:
@@ -157,6 +161,7 @@ def main():
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--repeats", type=int, default=10)
   ap.add_argument("--skip_ragged_bwd", action="store_true", help="skip ragged_dot fwd+bwd (slow; already known)")
+  ap.add_argument("--passes", default="", help="pallas passes to time, e.g. fwd,fwd+bwd (default: all four)")
   args = ap.parse_args()
   cfgs = [parse_config(c) for c in args.configs.split()] if args.configs else [GmmConfig()]
   dt = jnp.dtype(args.dtype)

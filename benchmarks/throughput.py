@@ -109,8 +109,9 @@ def report(name: str, cfg, step_s: float, peak_bytes: float | None, device_kind:
   tokens = t.micro_batch * t.grad_accum * cfg.data.seq_len
   step_flops, peak = flops_and_peak(cfg, device_kind)
   return {"name": name, "step_s": step_s, "tokens_per_s": tokens / step_s,
-          "mfu": step_flops / step_s / peak if peak else None, "peak_memory_GB": peak_bytes / 1e9 if peak_bytes else None,
-          "device": device_kind, "tokens_per_step": tokens, **extra}
+          "mfu": step_flops / step_s / peak if peak else None,
+          "peak_memory_GB": peak_bytes / 1e9 if peak_bytes else None,
+          "device": device_kind, "tokens_per_step": tokens, "flops_per_step": step_flops, **extra}
 
 
 # ----- ours -----
