@@ -17,6 +17,7 @@ POSITION_KINDS = ("rope", "sinusoidal", "learned", "relative", "alibi", "none")
 BIAS_POSITION_KINDS = ("relative", "alibi")  # logit-bias schemes (ctx.bias)
 NSA_IMPLS = ("reference", "pallas")  # attention.nsa.impl: pure JAX (models/attention/nsa.py) | kernels/nsa
 FFN_KINDS = ("dense", "moe")
+MOE_IMPLS = ("ragged_dot", "pallas")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 TOKENIZERS = ("bpe", "bytes")
@@ -355,9 +356,16 @@ def validate_pallas(c) -> None:
   _positive_int(c, "attention.pallas.num_stages")
 
 
+def validate_moe_impl(c) -> None:
+  """moe.impl picks the dropless grouped matmul; the capacity path (batched einsum) ignores it."""
+  if _get(c, "ffn.kind") != "moe":
+    return
+  _one_of(c, "moe.impl", MOE_IMPLS)
+
+
 VALIDATORS = [validate_model, validate_attention, validate_mla, validate_nsa, validate_position, validate_position_kinds,
               validate_ffn, validate_moe, validate_data, validate_train, validate_metrics, validate_mesh,
-              validate_checkpoint, validate_init, validate_nsa_impl, validate_pallas]
+              validate_checkpoint, validate_init, validate_nsa_impl, validate_pallas, validate_moe_impl]
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -8,7 +8,8 @@ One MoE layer is four stages, each its own function so that they can be swapped 
   combine   expert outputs -> tokens, weighted sum over each token's k experts
 
 `moe.capacity_factor <= 0` is dropless: the N*k token assignments are sorted by expert and the experts run as a
-grouped matmul (`jax.lax.ragged_dot`) over the sorted rows, then unsorted and combined. `> 0` is capacity-based:
+grouped matmul over the sorted rows (`moe.impl`: `jax.lax.ragged_dot`, or `pallas` = the kernels/gmm Pallas
+kernel with its own backward), then unsorted and combined. `> 0` is capacity-based:
 each expert keeps at most C = ceil(cf * N * k / E) assignments (every token's first choice before any second
 choice, then token order, as GShard), runs as one batched matmul over an [E, C, D] buffer, and the overflow
 contributes zero; the dropped fraction is reported.
@@ -42,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficientllm_jax.kernels import gmm as gmm_lib
 from efficientllm_jax.models.layers import SwiGLU, dense, dtype, normal_init
 
 F32 = jnp.float32
@@ -168,6 +170,7 @@ class Experts(nnx.Module):
     self.up = param(("expert", "embed", "mlp"), (e, d, f))
     self.down = param(("expert", "mlp", "embed"), (e, f, d))
     self.dtype = dtype(cfg.model.dtype)
+    self.impl = cfg.moe.get("impl", "ragged_dot")
 
   def cast(self, p):
     return p[...].astype(self.dtype)
@@ -175,6 +178,12 @@ class Experts(nnx.Module):
   def grouped(self, x_md, group_sizes_e):
     """Rows sorted by expert (group_sizes_e rows each) -> outputs [M, D], one ragged matmul per projection."""
     x_md = x_md.astype(self.dtype)
+    if self.impl == "pallas":
+      # gate and up as one [E, D, 2F] grouped matmul: x is read once and the kernel gets twice the columns.
+      f = self.gate.shape[-1]
+      gate_up = jnp.concatenate([self.cast(self.gate), self.cast(self.up)], axis=-1)
+      h_mf2 = gmm_lib.gmm(x_md, gate_up, group_sizes_e)
+      return gmm_lib.gmm(jax.nn.silu(h_mf2[:, :f]) * h_mf2[:, f:], self.cast(self.down), group_sizes_e)
     rd = lambda a, w: jax.lax.ragged_dot(a, self.cast(w), group_sizes_e)
     return rd(jax.nn.silu(rd(x_md, self.gate)) * rd(x_md, self.up), self.down)
 
