@@ -49,3 +49,16 @@ def tiny_config(**overrides):
 @pytest.fixture
 def tiny():
   return tiny_config
+
+
+@pytest.fixture
+def triton_h100(monkeypatch):
+  """Pallas' Triton lowering targets an H100 without a GPU present: `jax.jit(f).trace(...).lower(
+  lowering_platforms=("cuda",))` then runs the kernels through jaxpr -> Triton IR, so an unsupported primitive,
+  tile shape or indexing form fails on CPU rather than on the GPU machine (Triton's own PTX compile, and with it
+  the shared-memory limit, still happens only on the GPU). Returns a function: lowered HLO text -> number of
+  Triton kernels in it."""
+  from jax._src.pallas.triton import gpu_info, pallas_call_registration  # noqa: PLC0415 - private, pinned jax
+  h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
+  monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: h100)
+  return lambda hlo: hlo.count("__gpu$xla.gpu.triton")

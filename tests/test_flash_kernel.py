@@ -144,3 +144,53 @@ def test_gpu_compiled_kernel_matches_xla_bf16(h, kvh, dqk, dv, window, rel):
     g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
     scale = max(float(np.abs(w).max()), 1e-6)
     assert float(np.abs(g - w).max()) / scale < 3e-2, (g.shape, float(np.abs(g - w).max()), scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton lowering for an H100 (no GPU needed): forward + both backward kernels of every layout the runs use
+
+
+T5_TERMS = lambda h: T5Bias(jnp.ones((32, h)), 32, 128).kernel_terms()  # noqa: E731
+ALIBI_TERMS = lambda h: ALiBiBias(jnp.asarray(alibi_slopes(h), jnp.float32)).kernel_terms()  # noqa: E731
+LOWER_CASES = {  # t, s, h, kvh, dqk, dv, extra flash_attention kwargs
+    "gqa12_2_d128": (1024, 1024, 12, 2, 128, 128, {}),
+    "window": (1024, 1024, 12, 2, 128, 128, {"window": 256}),
+    "mla_192_128": (512, 512, 16, 16, 192, 128, {}),
+    "t5": (1024, 1024, 12, 2, 128, 128, {"bias": T5_TERMS}),
+    "alibi": (1024, 1024, 12, 2, 128, 128, {"bias": ALIBI_TERMS}),
+    "odd_lengths_offset": (1000, 1100, 12, 2, 128, 128, {"q_offset": 100}),
+    "gqa14_2_d64_window": (1000, 1000, 14, 2, 64, 64, {"window": 256}),  # 0.5B: G = 7 rows per position
+}
+
+
+DEFAULT_BLOCKS = (64, 64, 4, 2)  # block_q, block_k, warps, stages: flash_attention's and attention.pallas' defaults
+DEFAULT_ONLY = ("t5", "gqa14_2_d64_window")  # t5: 32 unrolled threshold steps, the slowest to lower
+LOWER_GRID = [(c, DEFAULT_BLOCKS) for c in LOWER_CASES] + [
+    (c, b) for b in [(128, 64, 8, 2), (64, 128, 8, 2)] for c in LOWER_CASES if c not in DEFAULT_ONLY]
+
+
+@pytest.mark.parametrize("case,blocks", LOWER_GRID, ids=[f"{c}-{'x'.join(map(str, b))}" for c, b in LOWER_GRID])
+def test_flash_lowers_to_triton_for_h100(triton_h100, case, blocks):
+  """fwd, dq and dkv kernels (3 Triton calls) lower with the Triton path (interpret=False, backend gpu) for bf16
+  abstract inputs; for biases the gradient reaches the coefficients (T5 table deltas / ALiBi slopes)."""
+  assert ops.PallasBlocks() == ops.PallasBlocks(*DEFAULT_BLOCKS)  # the config default is what is lowered here
+  t, s, h, kvh, dqk, dv, extra = LOWER_CASES[case]
+  extra = dict(extra)
+  bias = extra.pop("bias", None)
+  kind, thr, coef = bias(h) if bias else (None, (), jnp.zeros((1, h)))
+  bq, bk, warps, stages = blocks
+  sds = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
+
+  def fwd_bwd(q, k, v, coef):
+    def f(q, k, v, coef):
+      return flash_attention(q, k, v, bias_kind=kind, bias_thresholds=thr, bias_coef_nh=coef if kind else None,
+                             block_q=bq, block_k=bk, num_warps=warps, num_stages=stages, interpret=False,
+                             backend="gpu", **extra)
+    o, vjp = jax.vjp(f, q, k, v, coef)
+    return o, vjp(o)
+
+  coef_sds = jax.ShapeDtypeStruct(coef.shape, jnp.float32)
+  traced = jax.jit(fwd_bwd).trace(sds(1, t, h, dqk), sds(1, s, kvh, dqk), sds(1, s, kvh, dv), coef_sds)
+  assert [x.shape for x in jax.tree.leaves(traced.out_info)] == [(1, t, h, dv), (1, t, h, dqk), (1, s, kvh, dqk),
+                                                                 (1, s, kvh, dv), coef.shape]
+  assert triton_h100(traced.lower(lowering_platforms=("cuda",)).as_text()) == 3

@@ -214,3 +214,35 @@ def test_kernels_on_gpu_at_8k_match_reference_in_bf16():
   for g, g_r in zip(grads, grads_r):
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_r, np.float32), atol=5e-2 * float(
         jnp.abs(g_r.astype(jnp.float32)).max()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton lowering for an H100 (no GPU needed) at a small EfficientLLM geometry, default Blocks
+
+def test_kernels_lower_to_triton_for_h100(triton_h100):
+  """T = 1024, l = 64, d = 32, l' = 64, n = 4, 12/2 heads (G = 6 padded to 8 rows), head dim 128, bf16:
+  compressed fwd + dq + dkdv, selection scores, selected fwd + dq + dkdv each lower through Pallas' Triton path."""
+  b, t, h, kv, d = 1, 1024, 12, 2, 128
+  l, s, ls, n = 64, 32, 64, 4
+  nc = nsa.num_compressed(t, l, s)
+  blocks = kernel.Blocks(interpret=False)
+  geom = dict(compress_block=l, compress_stride=s, blocks=blocks)
+  sds = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+  lower = lambda f, *args: triton_h100(jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text())  # noqa: E731
+
+  def cmp_fwd_bwd(q, kc, vc):
+    o, vjp = jax.vjp(lambda q, kc, vc: kernel.compressed_attention(q, kc, vc, **geom)[0], q, kc, vc)
+    return o, vjp(o)
+
+  def scores(q, kc, lse):
+    return kernel.selection_scores(q, kc, lse, select_block=ls, **geom)
+
+  def slc_fwd_bwd(q, ks, vs, idx):
+    o, vjp = jax.vjp(lambda q, ks, vs: kernel.selected_attention(q, ks, vs, idx, select_block=ls, blocks=blocks),
+                     q, ks, vs)
+    return o, vjp(o)
+
+  assert lower(cmp_fwd_bwd, sds(b, t, h, d), sds(b, nc, kv, d), sds(b, nc, kv, d)) == 3
+  assert lower(scores, sds(b, t, h, d), sds(b, nc, kv, d), sds(b, kv, h // kv, t, dtype=jnp.float32)) == 1
+  idx = sds(b, kv, t, n, dtype=jnp.int32)
+  assert lower(slc_fwd_bwd, sds(b, t, h, d), sds(b, t, kv, d), sds(b, t, kv, d), idx) == 3
