@@ -7,10 +7,10 @@
 #         scale4 (4 GPUs: 1-GPU baselines, dp2 / fsdp2 and dp2 x fsdp2 at 0.5B and 1.5B),
 #         slurm4 (4 GPUs: GQA 0.5B / 1.5B with fsdp4 and MoE 1.5Bx8 with expert parallelism over 4, each through
 #                 the sbatch script `python -m launch.slurm` writes, run by benchmarks/local_slurm/srun),
-#         kernels4 (4 GPUs, one stream each, every stream a one-GPU measurement with its baseline in the same process:
-#                 GPU0 flash attention vs cuDNN, GPU1 NSA kernels vs full cuDNN, GPU2 grouped matmul vs ragged_dot
-#                 and dense + MoE step vs a dense model of equal active parameters, GPU3 our 0.5B step vs the
-#                 transformers peer). Writes $OUT/k_*.txt.
+#         kernels2 (2 GPUs, each stream a sequence of one-GPU measurements with its baseline in the same process:
+#                 GPU0 flash attention vs cuDNN, grouped matmul vs ragged_dot and dense, MoE step vs a dense model
+#                 of equal active parameters; GPU1 NSA kernels vs full cuDNN, our 0.5B step vs the transformers
+#                 peer). Writes $OUT/k_gpu*.txt.
 # Results (tables, summaries) are copied to OUTDIR (default $OUT, else results/).
 set -uo pipefail
 stage=$1; out=${2:-${OUT:-results}}
@@ -53,26 +53,22 @@ case $stage in
               2>&1 | grep -E "^(model|done|error|Traceback)|Error" | head -5
           done
           python -m launch.bench tables --noplots ;;
-  kernels4)
+  kernels2)  # two GPUs, two streams each run one after the other (fits ~6 minutes)
     ( export CUDA_VISIBLE_DEVICES=0
-      timeout 80 python -m pytest -q -m gpu tests/test_flash_kernel.py 2>&1 | tail -4
-      timeout 140 python benchmarks/attention.py --seq=8192 --dims=128,192 --layouts=12/2 --impls=pallas,cudnn \
-        --configs=64x64x4x2,128x64x8x2,64x128x8x2 --json=$out/k_attn.json 2>&1 ) > $out/k_flash.txt &
-    ( export CUDA_VISIBLE_DEVICES=1
-      timeout 80 python -m pytest -q -m gpu tests/test_nsa_kernel.py 2>&1 | tail -4
-      timeout 140 python -m benchmarks.attention_nsa --seqs 8192 32768 65536 --reference-max 8192 --breakdown 2>&1
-    ) > $out/k_nsa.txt &
-    ( export CUDA_VISIBLE_DEVICES=2
-      timeout 60 python -m pytest -q -m gpu tests/test_gmm_kernel.py 2>&1 | tail -4
-      timeout 80 python benchmarks/grouped_matmul.py --shapes=0.5Bx8 --skip_ragged_bwd \
-        --configs="128,128,64,8,3/128,128,64,8,3/64,128,128,8,3 128,256,64,8,3/128,256,64,8,3/64,256,128,8,3" 2>&1
+      timeout 75 python -m pytest -q -m gpu tests/test_flash_kernel.py 2>&1 | tail -4
+      timeout 75 python benchmarks/attention.py --seq=8192 --dims=128 --layouts=12/2 --impls=pallas,cudnn \
+        --modes=fwd+bwd --configs=64x64x4x2,64x128x8x2 --json=$out/k_attn.json 2>&1
+      timeout 50 python -m pytest -q -m gpu tests/test_gmm_kernel.py 2>&1 | tail -4
+      timeout 50 python benchmarks/grouped_matmul.py --shapes=0.5Bx8 --skip_ragged_bwd 2>&1
       timeout 90 python benchmarks/throughput.py --config=configs/base.py:0.5B --steps=5 --peer=0 \
         --override="model.ffn_dim=9728" --override="config=configs/moe/moe.py:0.5Bx8;moe.impl=pallas" 2>&1
-    ) > $out/k_gmm.txt &
-    ( export CUDA_VISIBLE_DEVICES=3
-      timeout 225 python benchmarks/throughput.py --config=configs/base.py:0.5B --steps=5 --override="" \
-        --override="model.remat=none" 2>&1 ) > $out/k_peer.txt &
-    wait; tail -n 25 $out/k_*.txt ;;
+    ) > $out/k_gpu0.txt &
+    ( export CUDA_VISIBLE_DEVICES=1
+      timeout 75 python -m pytest -q -m gpu tests/test_nsa_kernel.py 2>&1 | tail -4
+      timeout 100 python -m benchmarks.attention_nsa --seqs 8192 65536 --reference-max 8192 --breakdown 2>&1
+      timeout 150 python benchmarks/throughput.py --config=configs/base.py:0.5B --steps=5 --override="" 2>&1
+    ) > $out/k_gpu1.txt &
+    wait; tail -n 30 $out/k_gpu*.txt ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
 # At most a few files come back from a device call: one archive of summaries, tables, configs and metrics rows.
