@@ -57,7 +57,7 @@ case $stage in
     ( export CUDA_VISIBLE_DEVICES=0
       timeout 75 python -m pytest -q -m gpu tests/test_flash_kernel.py 2>&1 | tail -4
       timeout 75 python benchmarks/attention.py --seq=8192 --dims=128 --layouts=12/2 --impls=pallas,cudnn \
-        --modes=fwd+bwd --configs=64x64x4x2,64x128x8x2 --json=$out/k_attn.json 2>&1
+        --modes=fwd,fwdbwd --configs=64x64x4x2,64x128x8x2 --json=$out/k_attn.json 2>&1
       timeout 50 python -m pytest -q -m gpu tests/test_gmm_kernel.py 2>&1 | tail -4
       timeout 50 python benchmarks/grouped_matmul.py --shapes=0.5Bx8 --skip_ragged_bwd 2>&1
       timeout 90 python benchmarks/throughput.py --config=configs/base.py:0.5B --steps=5 --peer=0 \
