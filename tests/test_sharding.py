@@ -13,7 +13,8 @@ from tests.conftest import ROOT, tiny_config
 
 
 def _run_meshes(names, overrides=None):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-m", "tests.multidevice_check", ",".join(names), json.dumps(overrides or {})],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
