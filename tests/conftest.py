@@ -68,6 +68,17 @@ def tiny():
   return tiny_config
 
 
+def _heavy(item) -> bool:
+  """Tests that launch subprocesses or train end to end (tens of seconds each)."""
+  return item.get_closest_marker("slow") is not None or item.get_closest_marker("xdist_group") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+  # Heavy tests first (stable order otherwise): under `-n 2` they start early and the many short tests fill the
+  # gaps at the end, instead of one long test running alone on a single worker while the other idles.
+  items.sort(key=lambda item: not _heavy(item))
+
+
 def pytest_unconfigure(config):
   if _OWN_COMPILE_CACHE and not hasattr(config, "workerinput"):
     shutil.rmtree(_OWN_COMPILE_CACHE, ignore_errors=True)
