@@ -3,7 +3,8 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PYTEST_ARGS ?= -n 2
+# loadgroup: tests sharing an expensive module fixture (xdist_group) run on one worker, so it is built once.
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 
 .PHONY: demo test venv clean-venv
 

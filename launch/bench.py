@@ -14,6 +14,7 @@ from pathlib import Path
 from absl import app, flags
 
 from efficientllm_jax.bench import cli, runner, sweeps, tables
+from efficientllm_jax.data import pipeline
 
 cli.define_common_flags()
 flags.adopt_module_key_flags(cli)  # --helpshort lists the shared flags too
@@ -76,8 +77,10 @@ def main(argv):
   variants = cli.variants_from_flags(command, _OVERRIDES)
   print(f"bench: {command} sweep, {FLAGS.scale} scale, {len(variants)} variants -> {FLAGS.results_dir}",
         flush=True)
+  smoke = FLAGS.scale == "smoke" and variants
+  env = sweeps.smoke_env(pipeline.cache_dir(sweeps.load_config(variants[0]))) if smoke else None
   outcomes = runner.run_variants(variants, FLAGS.results_dir, force=FLAGS.force, timeout_s=_TIMEOUT.value or None,
-                                 stream=_STREAM.value, dry_run=_DRY_RUN.value)
+                                 stream=_STREAM.value, dry_run=_DRY_RUN.value, env=env)
   if _DRY_RUN.value:
     return
   for sweep in dict.fromkeys(v.sweep for v in variants):

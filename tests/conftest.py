@@ -1,10 +1,27 @@
 """Shared test setup: a repo-local data cache and small config helpers."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("EFFICIENTLLM_CACHE", str(ROOT / ".cache" / "test"))
+
+# One JAX persistent compilation cache per session, made by the controlling process before jax is imported and
+# inherited by the xdist workers and every subprocess a test launches: a program that several tests compile
+# (the same tiny model in-process and through `python -m launch`) compiles once. Fresh per session, so no test
+# ever starts from an earlier session's executables; removed at the end. Set JAX_COMPILATION_CACHE_DIR to choose.
+_OWN_COMPILE_CACHE = None
+if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_COMPILE_CACHE = tempfile.mkdtemp(prefix="efficientllm-jit-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_COMPILE_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# CPU-only machines (CI): XLA's cheapest backend optimisation for every test program, in-process and in launched
+# subprocesses. It halves compile time, which dominates the suite; no test here measures CPU speed, and every
+# comparison runs both sides under the same flags. A machine with an NVIDIA driver keeps the defaults.
+if not Path("/dev/nvidiactl").exists() and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import pytest  # noqa: E402
 
@@ -62,3 +79,19 @@ def triton_h100(monkeypatch):
   h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
   monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: h100)
   return lambda hlo: hlo.count("__gpu$xla.gpu.triton")
+
+
+def _heavy(item) -> bool:
+  """Tests that launch subprocesses or train end to end (tens of seconds each)."""
+  return item.get_closest_marker("slow") is not None or item.get_closest_marker("xdist_group") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+  # Heavy tests first (stable order otherwise): under `-n 2` they start early and the many short tests fill the
+  # gaps at the end, instead of one long test running alone on a single worker while the other idles.
+  items.sort(key=lambda item: not _heavy(item))
+
+
+def pytest_unconfigure(config):
+  if _OWN_COMPILE_CACHE and not hasattr(config, "workerinput"):
+    shutil.rmtree(_OWN_COMPILE_CACHE, ignore_errors=True)

@@ -23,6 +23,7 @@ FAKE_LAUNCH = textwrap.dedent("""
     calls = json.loads((wd / "calls.json").read_text()) if (wd / "calls.json").exists() else []
     (wd / "calls.json").write_text(json.dumps(calls + [args]))
     (wd / "pid").write_text(str(os.getpid()))
+    (wd / "env.json").write_text(json.dumps({k: os.environ.get(k) for k in ("BENCH_A", "BENCH_B")}))
     if mode == "ok":
       print("step 1/1 | loss 1.0", flush=True)
       (wd / "summary.json").write_text(json.dumps({"status": "ok", "final_loss": 1.25, "PPL": 3.5,
@@ -134,3 +135,11 @@ def test_failure_reason_rules():
   assert runner.failure_reason("", -signal.SIGKILL) == "killed by signal SIGKILL (out of memory?)"
   assert runner.failure_reason("just text\n", 3) == "just text"
   assert runner.failure_reason("", 4) == "exit code 4 with no stderr"
+
+
+def test_env_reaches_the_subprocess_and_the_callers_environment_wins(tmp_path, launcher, monkeypatch):
+  monkeypatch.setenv("BENCH_B", "from caller")
+  runner.run_variants([_v("a")], tmp_path, launch_cmd=launcher, say=lambda s: None,
+                      env={"BENCH_A": "from runner", "BENCH_B": "from runner"})
+  seen = json.loads((tmp_path / "attention_results" / "a" / "env.json").read_text())
+  assert seen == {"BENCH_A": "from runner", "BENCH_B": "from caller"}

@@ -55,6 +55,13 @@ def test_smoke_is_tiny_and_short():
     assert v.config.endswith(":tiny")
     o = dict(v.overrides)
     assert int(o["train.steps"]) <= 30 and int(o["data.seq_len"]) <= 128 and o["data.tokenizer"] == "bytes"
+    assert o["checkpoint.every"] == "0"  # never resumed: no final save
+
+
+def test_smoke_env_points_the_compile_cache_under_the_data_cache(tmp_path):
+  env = sweeps.smoke_env(tmp_path)
+  assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "jax_compile")
+  assert float(env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]) > 0
 
 
 def test_steps_and_overrides_apply_once_user_last():

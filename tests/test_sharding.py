@@ -13,7 +13,8 @@ from tests.conftest import ROOT, tiny_config
 
 
 def _run_meshes(names, overrides=None):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-m", "tests.multidevice_check", ",".join(names), json.dumps(overrides or {})],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -25,12 +26,19 @@ def dense_runs():
   return _run_meshes(["single", "dp8", "fsdp8", "dp2_fsdp2_tp2"])
 
 
+# The tests sharing `dense_runs` (one 8-device subprocess) stay on one xdist worker (`--dist loadgroup`), so the
+# module fixture runs once, not once per worker.
+_DENSE = pytest.mark.xdist_group("sharding_dense")
+
+
+@_DENSE
 @pytest.mark.parametrize("mesh", ["dp8", "fsdp8", "dp2_fsdp2_tp2"])
 def test_loss_after_3_steps_equals_single_device(dense_runs, mesh):
   np.testing.assert_allclose(dense_runs[mesh]["losses"], dense_runs["single"]["losses"], rtol=2e-5)
   assert dense_runs[mesh]["devices"] == 8
 
 
+@_DENSE
 def test_parameters_carry_the_rule_shardings(dense_runs):
   specs = dense_runs["dp2_fsdp2_tp2"]["specs"]
   q = next(v for k, v in specs.items() if "attn" in k and "'q'" in k and "kernel" in k)
@@ -69,6 +77,7 @@ def test_mesh_fills_the_free_axis():
   assert sh.mesh_shape({"data": -1, "tensor": 2}, 8) == (4, 1, 2, 1)
 
 
+@pytest.mark.xdist_group("sharding_moe")
 def test_moe_with_expert_parallelism_equals_single_device():
   # fsdp4 x ep2: experts split over `expert`, their embed dimension over `fsdp` (GSPMD partitions the dispatch).
   runs = _run_meshes(["single", "fsdp4_ep2"], {"ffn.kind": "moe", "moe.expert_dim": 64})

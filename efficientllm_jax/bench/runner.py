@@ -97,8 +97,10 @@ def _done_note(workdir: Path) -> str:
 
 
 def run_variant(v: Variant, results_dir: Path, *, launch_cmd: Sequence[str] = DEFAULT_LAUNCH,
-                timeout_s: float | None = None, stream: bool = False, prefix: str = "") -> tuple[bool, str]:
-  """Trains one variant in a subprocess; returns (ok, reason). Its output goes to logs in the workdir."""
+                timeout_s: float | None = None, stream: bool = False, prefix: str = "",
+                env: dict[str, str] | None = None) -> tuple[bool, str]:
+  """Trains one variant in a subprocess; returns (ok, reason). Its output goes to logs in the workdir. `env`
+  adds variables to the subprocess's environment where this process's environment does not set them."""
   wd = v.workdir(results_dir)
   wd.mkdir(parents=True, exist_ok=True)
   (wd / FAILURE_FILE).unlink(missing_ok=True)
@@ -107,6 +109,7 @@ def run_variant(v: Variant, results_dir: Path, *, launch_cmd: Sequence[str] = DE
   t0 = time.perf_counter()
   with open(wd / STDOUT_LOG, "w") as out, open(wd / STDERR_LOG, "w+") as err:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
+                            env={**(env or {}), **os.environ},
                             start_new_session=True)  # its own process group: a timeout ends its children too
     pump = threading.Thread(target=_copy_lines, args=(proc.stdout, out, prefix if stream else None), daemon=True)
     pump.start()
@@ -173,7 +176,8 @@ def command_line(v: Variant, results_dir: str | Path, launch_cmd: Sequence[str] 
 
 def run_variants(variants: Sequence[Variant], results_dir: str | Path, *, force: bool = False,
                  launch_cmd: Sequence[str] = DEFAULT_LAUNCH, timeout_s: float | None = None, stream: bool = False,
-                 dry_run: bool = False, say: Callable[[str], None] = _say) -> list[Outcome]:
+                 dry_run: bool = False, say: Callable[[str], None] = _say,
+                 env: dict[str, str] | None = None) -> list[Outcome]:
   """Runs every variant in order; a failure is recorded and the sweep goes on."""
   results_dir = Path(results_dir)
   n = len(variants)
@@ -192,7 +196,7 @@ def run_variants(variants: Sequence[Variant], results_dir: str | Path, *, force:
     say(f"{tag}: running {v.label} ({v.config})")
     t0 = time.perf_counter()
     ok, reason = run_variant(v, results_dir, launch_cmd=launch_cmd, timeout_s=timeout_s, stream=stream,
-                             prefix="    ")
+                             prefix="    ", env=env)
     dt = time.perf_counter() - t0
     if ok:
       note = _done_note(wd)

@@ -45,13 +45,25 @@ MOE_VARIANTS = {
               ("moe", "1.5Bx8", "MoE 1.5Bx8")),
     "smoke": (("dense", "tiny", "Dense tiny"), ("moe", "tiny", "MoE tinyx8")),
 }
-# Smoke scale: the tiny preset, byte tokenizer, 128-token sequences, a couple of dozen steps: ~20 s a variant
-# on a quiet CPU, most of it JAX start-up and compilation. Every key exists in configs/base.py.
+# Smoke scale: the tiny preset, byte tokenizer, 128-token sequences, a couple of dozen steps: ~15 s a variant
+# on a quiet CPU, most of it JAX start-up and compilation. No checkpoints (a smoke run is never resumed, and the
+# final save costs a compile and an orbax write). Every key exists in configs/base.py.
 SMOKE_OVERRIDES = (
     ("data.tokenizer", "bytes"), ("model.vocab_size", "512"), ("data.max_corpus_mb", "1.0"),
     ("data.seq_len", "128"), ("train.micro_batch", "4"), ("train.steps", "24"), ("train.warmup_steps", "4"),
-    ("train.log_every", "4"), ("train.eval_every", "0"), ("train.eval_batches", "2"),
+    ("train.log_every", "4"), ("train.eval_every", "0"), ("train.eval_batches", "2"), ("checkpoint.every", "0"),
 )
+# Smoke variants share JAX's persistent compilation cache (under the data cache dir): variants whose programs are
+# identical (GQA tiny = RoPE tiny = dense tiny; the init of every variant with the same parameters) compile once.
+# Paper scale does not use it, so its compile_s is always a real compile.
+COMPILE_CACHE_SUBDIR = "jax_compile"
+
+
+def smoke_env(cache_root: str | Path) -> dict[str, str]:
+  """Environment additions for smoke-scale subprocesses: the shared compilation cache (an explicit
+  JAX_COMPILATION_CACHE_DIR in the caller's environment wins)."""
+  return {"JAX_COMPILATION_CACHE_DIR": str(Path(cache_root) / COMPILE_CACHE_SUBDIR),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
 
 
 @dataclasses.dataclass(frozen=True)

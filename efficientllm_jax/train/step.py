@@ -58,8 +58,17 @@ def init_state(cfg, tx: optax.GradientTransformation, mesh):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.fold_in(key, 1)))
 
-  state = jax.jit(init, out_shardings=shardings)(jax.random.key(cfg.train.seed))
+  init = jax.jit(init, out_shardings=shardings, compiler_options=run_once_options())
+  state = init(jax.random.key(cfg.train.seed))
   return graphdef, state, shardings
+
+
+def run_once_options() -> dict | None:
+  """XLA options for programs that run once or a few times (init, eval): on CPU, where LLVM's optimisation of a
+  whole model's random init or forward costs seconds of compile for milliseconds of run time, compile them with
+  the cheapest backend optimisation. The train step keeps full optimisation (its step time is what is measured);
+  other backends keep their defaults."""
+  return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
 
 
 def loss_fn(params, graphdef, batch, cfg):
@@ -126,7 +135,8 @@ def make_eval_step(cfg, graphdef, mesh, shardings):
 
   micro_sh = eval_batch_sharding(cfg, mesh)
   return jax.jit(_in_mesh(eval_step, cfg, mesh), in_shardings=(shardings.params, {"inputs": micro_sh,
-                                                                                "targets": micro_sh}))
+                                                                                "targets": micro_sh}),
+                 compiler_options=run_once_options())
 
 
 def eval_batch_sharding(cfg, mesh):
