@@ -140,7 +140,7 @@ def test_moe_layer_pallas_equals_ragged_dot():
 
 def test_moe_impl_is_validated():
   c = moe_cfg("triton")
-  with pytest.raises(config_lib.ConfigError, match=r"moe.impl='triton' is not known: use one of ragged_dot, pallas"):
+  with pytest.raises(config_lib.ConfigError, match=r"moe.impl='triton' is not known: use one of auto, ragged_dot, pallas"):
     config_lib.validate(c)
   config_lib.validate(moe_cfg("pallas"))
 

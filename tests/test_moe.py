@@ -280,3 +280,10 @@ def test_tiny_moe_trains_with_falling_loss(tmp_path):
   assert {f"moe_load_{e}" for e in range(8)} <= set(train[-1])
   assert sum(train[-1][f"moe_load_{e}"] for e in range(8)) == pytest.approx(1.0)
   assert train[-1]["moe_aux_loss"] > 0 and train[-1]["moe_dropped_frac"] == 0.0
+
+
+def test_impl_auto_is_ragged_dot_off_gpu_and_explicit_choices_stand():
+  from efficientllm_jax.models import moe as moe_lib
+  assert jax.default_backend() == "cpu"
+  assert moe_lib.resolve_impl("auto") == "ragged_dot"  # interpret-mode Pallas would crawl on CPU
+  assert moe_lib.resolve_impl("pallas") == "pallas" and moe_lib.resolve_impl("ragged_dot") == "ragged_dot"

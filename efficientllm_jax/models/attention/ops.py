@@ -9,7 +9,8 @@ Variants (gqa.py, mla.py, ...) build q/k/v; `attention()` picks the kernel by `i
   pallas the flash kernel of efficientllm_jax/kernels/flash (Triton lowering on GPU, Mosaic on TPU, interpret mode
          on CPU): GQA-native, windowed, unequal qk / v head dims without padding, relative / ALiBi biases in-kernel
          (bias objects hand it `kernel_terms()`); block sizes from attention.pallas.*.
-  auto   GPU: cudnn where `cudnn_supports` says it applies, else xla (the reason is logged once); TPU: pallas where
+  auto   GPU: pallas for a bias measured faster there (ALiBi: `pallas_on_gpu`), else cudnn where
+         `cudnn_supports` says it applies, else xla (the reason is logged once); TPU: pallas where
          `pallas_supports` says it applies, else xla; CPU: xla.
 Layouts: q [B, T, H, Dqk], k [B, S, K, Dqk], v [B, S, K, Dv] with H % K == 0 (query head h uses K/V head
 h // (H / K), the grouping of jax.nn.dot_product_attention). Query i sits at position q_offset + i, key j at j.
@@ -201,6 +202,12 @@ def attention(q, k, v, *, impl: str = "auto", scale: float | None = None, bias=N
       raise ConfigError(f"attention.impl='pallas' cannot run this call: {reason}; use attention.impl=auto or xla")
     _log_once(f"attention: xla path ({reason})", logging.WARNING)
     return xla_attention(q, k, v, scale=scale, bias=bias, window=window, block_q=block_q)
+  if impl == "auto" and jax.default_backend() == "gpu" and getattr(bias, "pallas_on_gpu", False) \
+      and pallas_supports(q, k, v, bias) is None:
+    # Measured (benchmarks/RESULTS.md): ALiBi 1.5B/8K through the flash kernel 0.57 s/step against 2.8 s on the
+    # xla fallback; cuDNN never takes a bias.
+    _log_once("attention: pallas flash kernel (in-kernel bias; cuDNN takes none)")
+    return pallas_attention(q, k, v, scale=scale, bias=bias, window=window, blocks=pallas)
   if impl in ("auto", "cudnn"):
     reason = cudnn_supports(q, k, v, bias)
     if reason is None:
