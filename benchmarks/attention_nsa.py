@@ -19,27 +19,19 @@ queries and branches (nsa.attended_tokens); forward+backward = 3x forward (recom
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efficientllm_jax.bench import timing
 from efficientllm_jax.kernels import nsa as nsa_kernels
 from efficientllm_jax.models.attention import nsa, ops
 
 
 def time_call(fn, args, iters: int) -> float:
   """Median ms per call after compile and two warm-up calls."""
-  for _ in range(3):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(times)
+  return 1e3 * timing.median_seconds(fn, args, warmup=2, repeats=iters)
 
 
 def parse_blocks(text: str) -> nsa_kernels.Blocks:

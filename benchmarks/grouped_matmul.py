@@ -20,9 +20,7 @@ A pallas config is three tilings 'fwd/dgrad/wgrad', each 'block_m,block_n,block_
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -33,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from efficientllm_jax.kernels.gmm import GmmConfig, Tiling, grouped_matmul, transposed_grouped_matmul  # noqa: E402
 from efficientllm_jax.kernels.gmm import gmm  # noqa: E402
+from efficientllm_jax.bench import timing  # noqa: E402
 
 # preset -> (routed rows, [(name, K, N)]): rows = seq 8192 x micro-batch x top-2.
 SHAPES = {
@@ -61,16 +60,7 @@ def routed_group_sizes(rows: int, experts: int, skew: float, seed: int = 0) -> n
 
 
 def time_fn(fn, args, *, warmup: int, repeats: int) -> float:
-  """Median seconds per call of a jitted fn; compile and warm-up excluded, device work synchronised."""
-  jax.block_until_ready(fn(*args))
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return timing.median_seconds(fn, args, warmup=warmup, repeats=repeats)
 
 
 def pass_fns(impl: str, sizes_e, cfg: GmmConfig | None):

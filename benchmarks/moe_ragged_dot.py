@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from efficientllm_jax.bench import timing  # noqa: E402
 
 
 def group_sizes(rows: int, experts: int, kind: str, seed: int = 0) -> np.ndarray:
@@ -42,17 +45,7 @@ def group_sizes(rows: int, experts: int, kind: str, seed: int = 0) -> np.ndarray
 
 def time_call(fn, args, *, warmup: int, iters: int, repeats: int) -> float:
   """Median seconds per call; compile and warm-up excluded, device work synchronised."""
-  jax.block_until_ready(fn(*args))  # compile
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  per_call = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    for _ in range(iters):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    per_call.append((time.perf_counter() - t0) / iters)
-  return statistics.median(per_call)
+  return timing.median_seconds(fn, args, warmup=warmup, repeats=repeats, iters=iters)
 
 
 def passes(f):

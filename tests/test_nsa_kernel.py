@@ -146,17 +146,6 @@ def test_nsa_module_pallas_equals_reference_in_values_and_gradients():
     _assert_close(a, b, 1e-4)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(impl="triton"), r"attention.nsa.impl='triton' is not one of \('reference', 'pallas'\)"),
-    (dict(impl="pallas", select_block=96), "attention.nsa.select_block=96 must be a power of two"),
-])
-def test_nsa_impl_validation(overrides, message):
-  c = nsa_config.get_config("0.5B")
-  c.attention.nsa.update(overrides)
-  with pytest.raises(config_lib.ConfigError, match=message):
-    config_lib.validate(c)
-
-
 def test_nsa_pallas_refuses_a_logit_bias():
   c = nsa_config.get_config("0.5B")
   c.attention.nsa.impl, c.position.kind = "pallas", "alibi"
