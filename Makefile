@@ -23,7 +23,7 @@ test: $(STAMP)
 # The smoke suite: every variant of the three sweeps as a tiny model on the embedded corpus (CPU minutes);
 # prints the three tables (results/efficientllm_benchmark/). Finished variants are skipped on a rerun.
 demo: $(STAMP)
-	$(PY) -m launch.bench all --scale=smoke
+	$(PY) -m launch.bench all --scale=smoke --jobs=2
 
 clean-venv:
 	rm -rf $(VENV)

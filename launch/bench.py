@@ -26,6 +26,8 @@ _TIMEOUT = flags.DEFINE_float("timeout_s", 0.0, "Stop a variant after this many 
 _PLOTS = flags.DEFINE_bool("plots", True, "Write the PNG plots beside the tables.")
 FLAGS = flags.FLAGS
 USAGE = "usage: python -m launch.bench {attention|positional|moe|all} [flags] | python -m launch.bench tables [sweep ...]"
+_JOBS = flags.DEFINE_integer("jobs", 1, "Variants run at a time (the first runs alone). >1 shortens a CPU smoke "
+                             "sweep; the time-based figures then share the machine, and the tables say so.")
 
 _OVERRIDES: list[tuple[str, str]] = []
 
@@ -80,7 +82,7 @@ def main(argv):
   smoke = FLAGS.scale == "smoke" and variants
   env = sweeps.smoke_env(pipeline.cache_dir(sweeps.load_config(variants[0]))) if smoke else None
   outcomes = runner.run_variants(variants, FLAGS.results_dir, force=FLAGS.force, timeout_s=_TIMEOUT.value or None,
-                                 stream=_STREAM.value, dry_run=_DRY_RUN.value, env=env)
+                                 stream=_STREAM.value, dry_run=_DRY_RUN.value, env=env, jobs=_JOBS.value)
   if _DRY_RUN.value:
     return
   for sweep in dict.fromkeys(v.sweep for v in variants):

@@ -143,3 +143,22 @@ def test_env_reaches_the_subprocess_and_the_callers_environment_wins(tmp_path, l
                       env={"BENCH_A": "from runner", "BENCH_B": "from runner"})
   seen = json.loads((tmp_path / "attention_results" / "a" / "env.json").read_text())
   assert seen == {"BENCH_A": "from runner", "BENCH_B": "from caller"}
+
+
+def test_jobs_run_variants_side_by_side_and_the_tables_say_so(tmp_path, launcher):
+  from efficientllm_jax.bench import tables
+  names = ["a", "b", "c", "d"]
+  lines = []
+  out = runner.run_variants([_v(n) for n in names], tmp_path, launch_cmd=launcher, say=lines.append, jobs=2)
+  assert [o.variant.name for o in out] == names and all(o.status == "ok" for o in out)
+  assert lines[-1].startswith("bench: 4 ran, 0 skipped, 0 failed in ") and lines[-1].endswith("(2 at a time)")
+  # the first variant ran alone: its 'done' line comes before any other variant started
+  assert lines.index("[1/4] attention/a: running A (configs/base.py:tiny)") == 0
+  assert lines[1].startswith("[1/4] attention/a: done in ")
+  meta = json.loads((tmp_path / "attention_results" / "c" / runner.VARIANT_FILE).read_text())
+  assert meta["concurrent_jobs"] == 2
+  runs = tables.discover(tmp_path, "attention", scale="smoke")
+  assert any("variants at a time" in n and "contended" in n for n in tables._notes(runs))
+  solo = tmp_path / "solo"
+  runner.run_variants([_v("a")], solo, launch_cmd=launcher, say=lambda s: None)
+  assert not any("contended" in n for n in tables._notes(tables.discover(solo, "attention", scale="smoke")))

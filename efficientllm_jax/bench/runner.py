@@ -12,6 +12,7 @@ interrupted attempt are moved aside the same way.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -98,14 +99,15 @@ def _done_note(workdir: Path) -> str:
 
 def run_variant(v: Variant, results_dir: Path, *, launch_cmd: Sequence[str] = DEFAULT_LAUNCH,
                 timeout_s: float | None = None, stream: bool = False, prefix: str = "",
-                env: dict[str, str] | None = None) -> tuple[bool, str]:
+                env: dict[str, str] | None = None, concurrent_jobs: int = 1) -> tuple[bool, str]:
   """Trains one variant in a subprocess; returns (ok, reason). Its output goes to logs in the workdir. `env`
   adds variables to the subprocess's environment where this process's environment does not set them."""
   wd = v.workdir(results_dir)
   wd.mkdir(parents=True, exist_ok=True)
   (wd / FAILURE_FILE).unlink(missing_ok=True)
   cmd = [*launch_cmd, *v.launch_args(results_dir, overwrite=True)]
-  (wd / VARIANT_FILE).write_text(json.dumps({**dataclasses.asdict(v), "command": cmd}, indent=2))
+  meta = {**dataclasses.asdict(v), "command": cmd, **({"concurrent_jobs": concurrent_jobs} if concurrent_jobs > 1 else {})}
+  (wd / VARIANT_FILE).write_text(json.dumps(meta, indent=2))
   t0 = time.perf_counter()
   with open(wd / STDOUT_LOG, "w") as out, open(wd / STDERR_LOG, "w+") as err:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
@@ -177,36 +179,45 @@ def command_line(v: Variant, results_dir: str | Path, launch_cmd: Sequence[str] 
 def run_variants(variants: Sequence[Variant], results_dir: str | Path, *, force: bool = False,
                  launch_cmd: Sequence[str] = DEFAULT_LAUNCH, timeout_s: float | None = None, stream: bool = False,
                  dry_run: bool = False, say: Callable[[str], None] = _say,
-                 env: dict[str, str] | None = None) -> list[Outcome]:
-  """Runs every variant in order; a failure is recorded and the sweep goes on."""
+                 env: dict[str, str] | None = None, jobs: int = 1) -> list[Outcome]:
+  """Runs every variant; a failure is recorded and the sweep goes on. jobs > 1 runs that many variants at a time
+  (after the first, which runs alone and fills the data cache the others read); each variant's
+  bench_variant.json then records `concurrent_jobs`, and the tables say the time-based figures were contended."""
   results_dir = Path(results_dir)
   n = len(variants)
-  outcomes: list[Outcome] = []
   t_all = time.perf_counter()
-  for i, v in enumerate(variants, 1):
+
+  def one(i: int, v: Variant) -> Outcome | None:
     tag = f"[{i}/{n}] {v.sweep}/{v.name}"
     wd = v.workdir(results_dir)
     if not force and summary_done(wd):
       say(f"{tag}: skipped, {wd / 'summary.json'} exists (--force reruns it)")
-      outcomes.append(Outcome(v, "skipped"))
-      continue
+      return Outcome(v, "skipped")
     if dry_run:
       say(f"{tag}: would run: {command_line(v, results_dir, launch_cmd)}")
-      continue
+      return None
     say(f"{tag}: running {v.label} ({v.config})")
     t0 = time.perf_counter()
     ok, reason = run_variant(v, results_dir, launch_cmd=launch_cmd, timeout_s=timeout_s, stream=stream,
-                             prefix="    ", env=env)
+                             prefix="    ", env=env, concurrent_jobs=jobs)
     dt = time.perf_counter() - t0
     if ok:
       note = _done_note(wd)
       say(f"{tag}: done in {_fmt_s(dt)}" + (f" | {note}" if note else ""))
-      outcomes.append(Outcome(v, "ok", dt))
-    else:
-      say(f"{tag}: FAILED in {_fmt_s(dt)}: {reason}  (log: {wd / STDERR_LOG})")
-      outcomes.append(Outcome(v, "failed", dt, reason))
+      return Outcome(v, "ok", dt)
+    say(f"{tag}: FAILED in {_fmt_s(dt)}: {reason}  (log: {wd / STDERR_LOG})")
+    return Outcome(v, "failed", dt, reason)
+
+  numbered = list(enumerate(variants, 1))
+  if jobs <= 1 or dry_run:
+    results = [one(i, v) for i, v in numbered]
+  else:
+    results = [one(*numbered[0])] if numbered else []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+      results += list(pool.map(lambda iv: one(*iv), numbered[1:]))
+  outcomes = [o for o in results if o is not None]
   if not dry_run:
     counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "skipped", "failed")}
     say(f"bench: {counts['ok']} ran, {counts['skipped']} skipped, {counts['failed']} failed "
-        f"in {_fmt_s(time.perf_counter() - t_all)}")
+        f"in {_fmt_s(time.perf_counter() - t_all)}" + (f" ({jobs} at a time)" if jobs > 1 else ""))
   return outcomes

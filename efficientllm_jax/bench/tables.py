@@ -85,6 +85,7 @@ class Run:
   config: dict
   workdir: Path
   scale: str | None = None
+  concurrent_jobs: int = 1  # variants the runner ran at a time when this one ran (bench_variant.json)
 
   def value(self, key: str) -> tuple[object | None, str]:
     """(value, "") or (None, why it is n/a)."""
@@ -141,7 +142,7 @@ def read_run(workdir: Path, *, sweep: str = "", label: str | None = None) -> Run
     status, reason = "not run", "no run in this workdir yet"
   return Run(sweep=meta.get("sweep", sweep), name=workdir.name, label=label or meta.get("label", workdir.name),
              status=status, reason=reason, summary=summary, config=config, workdir=workdir,
-             scale=meta.get("scale"))
+             scale=meta.get("scale"), concurrent_jobs=int(meta.get("concurrent_jobs", 1)))
 
 
 def _known_order(sweep: str) -> dict[str, int]:
@@ -203,6 +204,10 @@ def _notes(runs: Sequence[Run]) -> list[str]:
   for why, (cols, labels) in by_reason.items():
     who = "all runs" if list(labels) == ok and len(ok) > 1 else ", ".join(labels)
     notes.append(f"n/a {', '.join(cols)} ({who}): {why}")
+  shared = sorted({r.concurrent_jobs for r in runs if r.status == "ok" and r.concurrent_jobs > 1})
+  if shared:
+    notes.append(f"these runs shared the machine ({'/'.join(map(str, shared))} variants at a time): AL, TT, ST, "
+                 "tokens/s and GPU-hours are contended figures, for a pipeline check, not a comparison")
   return notes
 
 
