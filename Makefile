@@ -21,7 +21,8 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The smoke suite: every variant of the three sweeps as a tiny model on the embedded corpus (CPU minutes);
-# prints the three tables (results/efficientllm_benchmark/). Finished variants are skipped on a rerun.
+# prints the three tables (results/efficientllm_benchmark/). Two variants at a time (the tables say their time
+# figures were contended). Finished variants are skipped on a rerun.
 demo: $(STAMP)
 	$(PY) -m launch.bench all --scale=smoke --jobs=2
 
