@@ -45,10 +45,8 @@ _OVERRIDES: list[tuple[str, str]] = []
 
 
 def main(argv):
-  if len(argv) != 2 or argv[1] not in (*sweeps.SWEEPS, "all"):
-    raise app.UsageError("usage: python -m launch.slurm {attention|positional|moe|all} --partition=P [--gpus=N] "
-                         "[--config.key=value ...]")
-  sweep = argv[1]
+  sweep = cli.sweep_of(argv, "usage: python -m launch.slurm {attention|positional|moe|all} --partition=P [--gpus=N] "
+                             "[--config.key=value ...]")
   variants = cli.variants_from_flags(sweep, _OVERRIDES)
   if _PER_DEVICE.value:
     variants = sweeps.per_device_batches(variants, _GPUS.value * _NODES.value)

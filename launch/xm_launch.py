@@ -20,7 +20,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from efficientllm_jax.bench import cli, runner, sweeps
+from efficientllm_jax.bench import cli, runner
 from efficientllm_jax.bench.sweeps import Variant
 
 cli.define_common_flags()
@@ -89,10 +89,8 @@ def launch(units: Sequence[WorkUnit], title: str, results_dir: str | Path) -> li
 
 
 def main(argv):
-  if len(argv) != 2 or argv[1] not in (*sweeps.SWEEPS, "all"):
-    raise app.UsageError("usage: python -m launch.xm_launch {attention|positional|moe|all} [--gpus=0,1] "
-                         "[--config.key=value ...]")
-  sweep = argv[1]
+  sweep = cli.sweep_of(argv, "usage: python -m launch.xm_launch {attention|positional|moe|all} [--gpus=0,1] "
+                             "[--config.key=value ...]")
   variants = cli.variants_from_flags(sweep, _OVERRIDES)
   todo = [v for v in variants if FLAGS.force or not runner.summary_done(v.workdir(FLAGS.results_dir))]
   for v in variants:

@@ -157,3 +157,13 @@ def test_bench_cli_passes_overrides_and_rejects_config_file(tmp_path):
   r = subprocess.run([sys.executable, "-m", "launch.bench", "attention", "--config=configs/base.py"], cwd=ROOT,
                      capture_output=True, text=True, timeout=120)
   assert r.returncode != 0 and "pass only --config.key=value overrides" in r.stderr
+
+
+def test_sweep_of_takes_one_known_sweep_else_the_usage_line():
+  from absl import app
+  from efficientllm_jax.bench import cli
+  assert cli.sweep_of(["launch.slurm", "moe"], "usage: x") == "moe"
+  assert cli.sweep_of(["launch.slurm", "all"], "usage: x") == "all"
+  for argv in (["launch.slurm"], ["launch.slurm", "mlp"], ["launch.slurm", "moe", "extra"]):
+    with pytest.raises(app.UsageError, match="^usage: x$"):
+      cli.sweep_of(argv, "usage: x")

@@ -62,6 +62,13 @@ def flags_parser(overrides_out: list, fv: flags.FlagValues = flags.FLAGS) -> Cal
   return parse
 
 
+def sweep_of(argv: Sequence[str], usage: str) -> str:
+  """The one positional argument of a sweep launcher (attention | positional | moe | all), else a usage error."""
+  if len(argv) != 2 or argv[1] not in (*sweeps.SWEEPS, "all"):
+    raise app.UsageError(usage)
+  return argv[1]
+
+
 def variants_from_flags(sweep: str, overrides: Sequence[tuple[str, str]],
                         fv: flags.FlagValues = flags.FLAGS) -> list[sweeps.Variant]:
   """The sweep's variants with --steps, the pass-through overrides, --only and --tokens applied."""
