@@ -13,6 +13,7 @@ being compared; 4-GPU runs on a 4-GPU host are always alone. Prints a table and 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -46,9 +47,7 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def _args(size: str, mesh: dict[str, int], steps: int, workdir: Path) -> list[str]:
-  gpus = 1
-  for v in mesh.values():
-    gpus *= v
+  gpus = _gpus(mesh)
   args = [sys.executable, "-m", "launch", f"--config=configs/base.py:{size}", f"--workdir={workdir}",
           f"--config.train.steps={steps}", "--config.train.log_every=5", "--config.train.eval_batches=1",
           f"--config.train.micro_batch={base.SIZES[size]['micro_batch'] * gpus}", "--config.checkpoint.every=0",
@@ -86,10 +85,7 @@ def _run_group(jobs: list[tuple[str, str, dict]], steps: int, root: Path, total_
 
 
 def _gpus(mesh: dict[str, int]) -> int:
-  n = 1
-  for v in mesh.values():
-    n *= v
-  return n
+  return math.prod(mesh.values())
 
 
 def main(argv):

@@ -297,3 +297,22 @@ def test_launch_trains_tiny(kind, tmp_path):
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["attention"] == kind
   assert summary["final_loss"] < summary["first_loss"] - 0.5, summary
+
+
+def test_auto_on_gpu_sends_alibi_to_the_flash_kernel_and_t5_to_xla(monkeypatch):
+  """The dispatch alone (no GPU needed): with the backend reported as GPU, auto picks the flash kernel for ALiBi
+  (measured faster there) and the xla path for T5 (cuDNN takes no bias; its kernel form is not measured fast)."""
+  from efficientllm_jax.models import positional
+  from efficientllm_jax.models.attention import ops as ops_lib
+  taken = []
+  monkeypatch.setattr(ops_lib.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(ops_lib, "pallas_attention", lambda *a, **k: taken.append("pallas") or "pallas")
+  monkeypatch.setattr(ops_lib, "xla_attention", lambda *a, **k: taken.append("xla") or "xla")
+  q = jnp.ones((1, 8, 4, 16), jnp.bfloat16)
+  kv = jnp.ones((1, 8, 2, 16), jnp.bfloat16)
+  alibi = positional.ALiBiBias(jnp.asarray(positional.alibi_slopes(4), jnp.float32))
+  t5 = positional.T5Bias(jnp.ones((32, 4), jnp.float32), 32, 128)
+  ops_lib.attention(q, kv, kv, impl="auto", bias=alibi)
+  ops_lib.attention(q, kv, kv, impl="auto", bias=t5)
+  ops_lib.attention(q, kv, kv, impl="xla", bias=alibi)
+  assert taken == ["pallas", "xla", "xla"]

@@ -13,8 +13,8 @@ import functools
 from typing import Any, NamedTuple
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 
