@@ -129,3 +129,13 @@ def test_every_variant_config_is_valid(variant):
     assert cfg.position.kind == kind and (variant.scale == "smoke" or cfg.data.seq_len == 8192)
   else:
     assert cfg.ffn.kind == kind
+
+
+def test_per_device_batches_multiply_the_studys_per_gpu_micro_batch():
+  variants = sweeps.expand("attention", "paper")
+  four = {v.name: dict(v.overrides)["train.micro_batch"] for v in sweeps.per_device_batches(variants, 4)}
+  assert (four["gqa_0.5B"], four["gqa_1.5B"], four["gqa_3B"]) == ("16", "8", "4")  # 4 / 2 / 1 per GPU x 4
+  moe = {v.name: dict(v.overrides)["train.micro_batch"]
+         for v in sweeps.per_device_batches(sweeps.expand("moe", "paper"), 2)}
+  assert moe["moe_1.5Bx8"] == "4"  # the preset's 2 (no override in the sweep) x 2
+  assert sweeps.per_device_batches(variants, 1) == variants

@@ -106,7 +106,9 @@ def run_variant(v: Variant, results_dir: Path, *, launch_cmd: Sequence[str] = DE
   wd.mkdir(parents=True, exist_ok=True)
   (wd / FAILURE_FILE).unlink(missing_ok=True)
   cmd = [*launch_cmd, *v.launch_args(results_dir, overwrite=True)]
-  meta = {**dataclasses.asdict(v), "command": cmd, **({"concurrent_jobs": concurrent_jobs} if concurrent_jobs > 1 else {})}
+  meta = {**dataclasses.asdict(v), "command": cmd}
+  if concurrent_jobs > 1:
+    meta["concurrent_jobs"] = concurrent_jobs
   (wd / VARIANT_FILE).write_text(json.dumps(meta, indent=2))
   t0 = time.perf_counter()
   with open(wd / STDOUT_LOG, "w") as out, open(wd / STDERR_LOG, "w+") as err:
