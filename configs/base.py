@@ -89,8 +89,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   mo.expert_dim = s["ffn"]  # width of each SwiGLU expert (the size's FFN width)
   mo.renormalize = True  # top-k weights renormalised to sum to 1
   mo.capacity_factor = 0.0  # <= 0: dropless (sorted + ragged_dot); > 0: capacity-based, drops counted
-  # Dropless grouped matmul: ragged_dot (jax.lax.ragged_dot) | pallas (kernels/gmm; interpreted off GPU).
-  mo.impl = "auto"  # auto (pallas on one GPU, else ragged_dot) | ragged_dot | pallas (kernels/gmm): the dropless grouped matmul
+  # Dropless grouped matmul: auto (pallas on one GPU, else ragged_dot) | ragged_dot (jax.lax.ragged_dot) | pallas
+  # (kernels/gmm; interpreted off GPU).
+  mo.impl = "auto"
   mo.aux_loss_coef = 0.01  # Switch load-balancing loss
   mo.z_loss_coef = 0.0  # router z-loss
   mo.num_shared_experts = 0  # always-on experts beside the routed ones (DeepSeek / Qwen2-MoE)

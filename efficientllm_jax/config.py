@@ -327,10 +327,7 @@ def validate_nsa_impl(c) -> None:
   """attention.nsa.impl: the Pallas kernels (kernels/nsa) tile by powers of two and take no logit bias."""
   if c.attention.kind != "nsa":
     return
-  impl = _get(c, "attention.nsa.impl")
-  if impl not in NSA_IMPLS:
-    raise ConfigError(f"attention.nsa.impl={impl!r} is not one of {NSA_IMPLS}: use reference (pure JAX) or pallas")
-  if impl != "pallas":
+  if _one_of(c, "attention.nsa.impl", NSA_IMPLS) != "pallas":
     return
   if c.position.kind in BIAS_POSITION_KINDS:
     raise ConfigError(f"attention.nsa.impl=pallas takes no logit bias, but position.kind={c.position.kind!r} adds "
