@@ -116,7 +116,7 @@ def report(name: str, cfg, step_s: float, peak_bytes: float | None, device_kind:
 
 # ----- ours -----
 
-def run_ours(cfg, name: str, steps: int, warmup: int) -> dict:
+def run_ours(cfg, name: str, steps: int, warmup: int, profile_steps: int = 0) -> dict:
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
@@ -149,8 +149,19 @@ def run_ours(cfg, name: str, steps: int, warmup: int) -> dict:
     raise SystemExit(f"non-finite loss: first {first_loss}, last {last_loss}")
   dev = jax.devices()[0]
   stats = dev.memory_stats() or {}
+  extra = {}
+  if profile_steps:  # after the timed steps, so tracing costs the timing nothing
+    import tempfile  # noqa: PLC0415
+
+    from efficientllm_jax.bench import profile  # noqa: PLC0415
+    with tempfile.TemporaryDirectory() as d:
+      with jax.profiler.trace(d, create_perfetto_trace=True):
+        for i in range(profile_steps):
+          state, metrics = built.train_step(state, batches[i % 2])
+        jax.block_until_ready((state, metrics))
+      extra["profile"] = profile.summarize(profile.find_trace(d), profile_steps)
   return report(name, cfg, step_s, stats.get("peak_bytes_in_use"), dev.device_kind, compile_s=compile_s,
-                loss_first=first_loss, loss_last=last_loss)
+                loss_first=first_loss, loss_last=last_loss, **extra)
 
 
 # ----- the PyTorch peer -----
@@ -253,7 +264,7 @@ def worker(args) -> None:
     label = ";".join(f"{k}={v}" for k, v in override.items() if k != "xla") or "(shared config)"
     if "xla" in override:
       label += " +XLA_FLAGS"
-    row = run_ours(cfg, "ours " + label, args.steps, args.warmup)
+    row = run_ours(cfg, "ours " + label, args.steps, args.warmup, args.profile)
   else:
     row = run_peer(cfg, args.steps, args.warmup, args.peer_ckpt)
   print(RESULT + json.dumps(row), flush=True)
@@ -261,7 +272,8 @@ def worker(args) -> None:
 
 def spawn(args, kind: str, override: str | None) -> dict:
   cmd = [sys.executable, str(Path(__file__).resolve()), f"--worker={kind}", f"--config={args.config}",
-         f"--steps={args.steps}", f"--warmup={args.warmup}", f"--peer_ckpt={args.peer_ckpt}"]
+         f"--steps={args.steps}", f"--warmup={args.warmup}", f"--peer_ckpt={args.peer_ckpt}",
+         f"--profile={args.profile}"]
   cmd += [f"--set={s}" for s in args.set]
   env = dict(os.environ)
   if override is not None:
@@ -305,6 +317,8 @@ def main() -> None:
   ap.add_argument("--steps", type=int, default=10, help="timed steps per run")
   ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the compile step")
   ap.add_argument("--timeout_s", type=int, default=300, help="per run")
+  ap.add_argument("--profile", type=int, default=0,
+                  help="ours: trace this many extra steps with jax.profiler and print the device-time breakdown")
   ap.add_argument("--json", default="", help="also write the rows here")
   ap.add_argument("--worker", default="", choices=("", "ours", "peer"), help=argparse.SUPPRESS)
   args = ap.parse_args()
@@ -318,6 +332,10 @@ def main() -> None:
     rows.append(spawn(args, "peer", None))
     print(json.dumps(rows[-1]), flush=True)
   print_table(rows)
+  from efficientllm_jax.bench import profile  # noqa: PLC0415 - numpy-free
+  for r in rows:
+    if "profile" in r:
+      print(f"\n{r['name']}\n{profile.format_summary(r['profile'])}")
   if args.json:
     Path(args.json).write_text(json.dumps(rows, indent=2))
 
