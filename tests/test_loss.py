@@ -30,11 +30,51 @@ def test_chunked_cross_entropy_matches_reference(chunk):
   assert float(count) == ref_count
 
 
-def test_chunked_gradients_equal_unchunked():
+def _numpy_grads(h, e, y, mask):
+  """d(sum of masked token losses) / d(h, e): (softmax - onehot) * mask, then the two matmuls, in float64."""
+  h2 = h.reshape(-1, h.shape[-1]).astype(np.float64)
+  logits = h2 @ e.astype(np.float64).T
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  p[np.arange(len(p)), y.reshape(-1)] -= 1
+  d = p * mask.reshape(-1, 1)
+  return (d @ e).reshape(h.shape), d.T @ h2
+
+
+@pytest.mark.parametrize("chunk", [0, 5, 14])
+def test_gradients_match_reference(chunk):
+  """The fused backward (gradients formed in the forward chunk loop) against the closed form, with a mask and a
+  sequence length (9) no chunk size divides."""
   rng = np.random.default_rng(1)
-  h = jnp.asarray(rng.normal(size=(2, 9, 8)), jnp.float32)
-  e = jnp.asarray(rng.normal(size=(40, 8)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, 40, size=(2, 9)))
-  grad = lambda chunk: jax.grad(lambda h, e: cross_entropy(h, e, y, chunk=chunk)[0], argnums=(0, 1))(h, e)
-  for a, b in zip(grad(0), grad(5)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  h = rng.normal(size=(2, 9, 8)).astype(np.float32)
+  e = rng.normal(size=(40, 8)).astype(np.float32)
+  y = rng.integers(0, 40, size=(2, 9))
+  mask = (rng.random((2, 9)) > 0.3).astype(np.float32)
+  scale = 0.37  # a cotangent other than 1 reaches both gradients
+
+  def f(h, e):
+    return scale * cross_entropy(h, e, jnp.asarray(y), jnp.asarray(mask), chunk=chunk)[0]
+
+  dh, de = jax.jit(jax.grad(f, argnums=(0, 1)))(jnp.asarray(h), jnp.asarray(e))
+  ref_dh, ref_de = _numpy_grads(h, e, y, mask)
+  np.testing.assert_allclose(dh, scale * ref_dh, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(de, scale * ref_de, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_compute_is_close_and_gradient_dtypes_follow_inputs():
+  """bf16 hidden states with an fp32 table (the training setup): loss and gradients near the fp32 closed form;
+  dh comes back in bf16 and the table's gradient in fp32."""
+  rng = np.random.default_rng(2)
+  h = rng.normal(size=(2, 16, 32)).astype(np.float32)
+  e = (0.2 * rng.normal(size=(64, 32))).astype(np.float32)
+  y = rng.integers(0, 64, size=(2, 16))
+  loss = lambda h, e: cross_entropy(h, e, jnp.asarray(y), chunk=8)[0]  # noqa: E731
+  hb = jnp.asarray(h, jnp.bfloat16)
+  value, (dh, de) = jax.value_and_grad(loss, argnums=(0, 1))(hb, jnp.asarray(e))
+  assert dh.dtype == jnp.bfloat16 and de.dtype == jnp.float32
+  hq = np.asarray(hb, np.float32)  # the reference sees the same rounded inputs
+  ref_total, _ = _numpy_ce(hq, e, y, np.ones_like(y, np.float32))
+  ref_dh, ref_de = _numpy_grads(hq, e, y, np.ones_like(y, np.float32))
+  np.testing.assert_allclose(float(value), ref_total, rtol=2e-2)
+  np.testing.assert_allclose(np.asarray(dh, np.float32), ref_dh, atol=2e-2 * np.abs(ref_dh).max())
+  np.testing.assert_allclose(np.asarray(de), ref_de, atol=2e-2 * np.abs(ref_de).max())

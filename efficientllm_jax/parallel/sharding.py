@@ -147,6 +147,17 @@ def shard(x, names: Sequence[str | None]):
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)))
 
 
+def batch_axes() -> tuple[Mesh | None, tuple[str, ...]]:
+  """The active mesh and the mesh axes (of size > 1) the batch dimension is split over; (None, ()) when there is
+  no active mesh or the batch is not split (code that runs per device under shard_map then needs none)."""
+  if not _ACTIVE:
+    return None, ()
+  mesh, rules = _ACTIVE[-1]
+  spec = logical_to_spec(("batch",), (math.prod(mesh.devices.shape),), mesh, rules)[0]
+  axes = tuple(a for a in ((spec,) if isinstance(spec, str) else (spec or ())) if mesh.shape[a] > 1)
+  return (mesh, axes) if axes else (None, ())
+
+
 def batch_sharding(mesh: Mesh, rules: dict[str, Any], shape: Sequence[int]) -> NamedSharding:
   """Batches are [grad_accum, batch, ...]: the batch dimension over the data-like axes."""
   names = (None, "batch") + (None,) * (len(shape) - 2)
