@@ -94,6 +94,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # Dropless grouped matmul: auto (pallas on one GPU, else ragged_dot) | ragged_dot (jax.lax.ragged_dot) | pallas
   # (kernels/gmm; interpreted off GPU).
   mo.impl = "auto"
+  # Expert parallelism (models/moe_ep.py) when mesh.shape.expert > 1: auto (= shard_map for the dropless path) |
+  # shard_map (explicit all-to-all over `expert`) | gspmd (leave the dispatch to the XLA partitioner).
+  mo.expert_parallel = "auto"
+  mo.ep_capacity_factor = 0.0  # shard_map receive buffer: <= 0 dropless bound; f > 0: f * balanced load, drops counted
+  mo.ep_exchange = "auto"  # auto (ragged off CPU) | ragged_all_to_all | all_to_all (padded; works everywhere)
   mo.aux_loss_coef = 0.01  # Switch load-balancing loss
   mo.z_loss_coef = 0.0  # router z-loss
   mo.num_shared_experts = 0  # always-on experts beside the routed ones (DeepSeek / Qwen2-MoE)

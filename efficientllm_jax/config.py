@@ -18,6 +18,8 @@ BIAS_POSITION_KINDS = ("relative", "alibi")  # logit-bias schemes (ctx.bias)
 NSA_IMPLS = ("reference", "pallas")  # attention.nsa.impl: pure JAX (models/attention/nsa.py) | kernels/nsa
 FFN_KINDS = ("dense", "moe")
 MOE_IMPLS = ("auto", "ragged_dot", "pallas")
+EXPERT_PARALLEL = ("auto", "shard_map", "gspmd")  # moe.expert_parallel (models/moe_ep.py)
+EP_EXCHANGES = ("auto", "ragged_all_to_all", "all_to_all")  # moe.ep_exchange
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 TOKENIZERS = ("bpe", "bytes")
@@ -360,9 +362,59 @@ def validate_moe_impl(c) -> None:
   _one_of(c, "moe.impl", MOE_IMPLS)
 
 
+def validate_expert_parallel(c) -> None:
+  """moe.expert_parallel and its keys; when the shard_map path would run (mesh.shape.expert > 1, dropless), what it
+  needs: experts divisible over `expert`, expert weights and tokens split over it (after validate_mesh)."""
+  if _get(c, "ffn.kind") != "moe":
+    return
+  mode = _one_of(c, "moe.expert_parallel", EXPERT_PARALLEL)
+  exchange = _one_of(c, "moe.ep_exchange", EP_EXCHANGES)
+  cf = _get(c, "moe.ep_capacity_factor")
+  if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not math.isfinite(cf):
+    raise ConfigError(f"moe.ep_capacity_factor={cf!r} must be a number: <= 0 for the dropless buffer bound, > 0 for "
+                      "that many times the balanced load")
+  if mode == "gspmd":
+    return
+  if c.moe.capacity_factor > 0:
+    if mode == "shard_map":
+      raise ConfigError(f"moe.expert_parallel='shard_map' runs the dropless path, but moe.capacity_factor="
+                        f"{c.moe.capacity_factor} asks for capacity dispatch: set --config.moe.capacity_factor=0 or "
+                        "--config.moe.expert_parallel=gspmd")
+    return
+  import jax  # noqa: PLC0415 - the device count is only known once the backend starts
+
+  from efficientllm_jax.parallel import sharding  # noqa: PLC0415
+  ep = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(dict(c.mesh.shape), jax.device_count())))["expert"]
+  if ep == 1:
+    return
+  e = c.moe.num_experts
+  if e % ep:
+    raise ConfigError(f"moe.num_experts={e} is not divisible by mesh.shape.expert={ep}: expert parallelism gives each "
+                      f"device num_experts/expert experts; use an expert axis of {_divisors(e)} or "
+                      "--config.moe.expert_parallel=gspmd")
+  rules = sharding.rules_of(c)
+  axes = {name: (a,) if isinstance(a, str) else tuple(a or ()) for name, a in rules.items()}
+  if axes.get("expert") != ("expert",):
+    raise ConfigError(f"sharding_rules maps 'expert' to {rules.get('expert')!r}: moe.expert_parallel needs the expert "
+                      "weights split over the `expert` mesh axis, so restore ('expert', 'expert') or use "
+                      "--config.moe.expert_parallel=gspmd")
+  if "expert" not in axes.get("batch", ()):
+    raise ConfigError(f"sharding_rules maps 'batch' to {rules.get('batch')!r}: moe.expert_parallel needs the tokens "
+                      "split over the `expert` mesh axis too, so add 'expert' to the batch rule or use "
+                      "--config.moe.expert_parallel=gspmd")
+  backend = jax.default_backend()
+  if exchange == "ragged_all_to_all" and backend == "cpu":
+    raise ConfigError("moe.ep_exchange='ragged_all_to_all' is not implemented by XLA:CPU: use "
+                      "--config.moe.ep_exchange=auto (all_to_all on CPU)")
+  if c.moe.impl == "pallas" and backend != "gpu":
+    raise ConfigError(f"moe.impl='pallas' runs interpreted on {backend}, which the expert-parallel shard_map's type "
+                      "checks reject: use --config.moe.impl=auto (ragged_dot here) or moe.expert_parallel=gspmd")
+
+
 VALIDATORS = [validate_model, validate_attention, validate_mla, validate_nsa, validate_position, validate_position_kinds,
               validate_ffn, validate_moe, validate_data, validate_train, validate_metrics, validate_mesh,
-              validate_checkpoint, validate_init, validate_nsa_impl, validate_pallas, validate_moe_impl]
+              validate_checkpoint, validate_init, validate_nsa_impl, validate_pallas, validate_moe_impl,
+              validate_expert_parallel]
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

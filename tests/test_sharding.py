@@ -79,8 +79,10 @@ def test_mesh_fills_the_free_axis():
 
 @pytest.mark.xdist_group("sharding_moe")
 def test_moe_with_expert_parallelism_equals_single_device():
-  # fsdp4 x ep2: experts split over `expert`, their embed dimension over `fsdp` (GSPMD partitions the dispatch).
-  runs = _run_meshes(["single", "fsdp4_ep2"], {"ffn.kind": "moe", "moe.expert_dim": 64})
+  # fsdp4 x ep2: experts split over `expert`, their embed dimension over `fsdp`; the dispatch is the shard_map
+  # all-to-all (models/moe_ep.py; tests/ep_check.py compares its layer with one device on more meshes).
+  runs = _run_meshes(["single", "fsdp4_ep2"], {"ffn.kind": "moe", "moe.expert_dim": 64,
+                                               "moe.expert_parallel": "shard_map"})
   np.testing.assert_allclose(runs["fsdp4_ep2"]["losses"], runs["single"]["losses"], rtol=2e-5)
   specs = runs["fsdp4_ep2"]["specs"]
   assert next(v for k, v in specs.items() if "'experts'" in k and "'gate'" in k) == [None, "expert", "fsdp", None]

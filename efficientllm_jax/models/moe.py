@@ -14,10 +14,9 @@ each expert keeps at most C = ceil(cf * N * k / E) assignments (every token's fi
 choice, then token order, as GShard), runs as one batched matmul over an [E, C, D] buffer, and the overflow
 contributes zero; the dropped fraction is reported.
 
-Expert parallelism later: the experts' weights are stacked [E, ...] with logical axis `expert` first, and the
-expert stage sees only (rows grouped by expert, group sizes). An expert-parallel version (shard_map over an
-`expert` mesh axis) replaces dispatch/combine with an all_to_all that sends each group of rows to the device
-owning that expert (and back), leaving route, the expert compute and the losses unchanged.
+Expert parallelism (models/moe_ep.py, `moe.expert_parallel`): with a mesh `expert` axis > 1 the dropless path runs
+inside a shard_map that sends each device's expert-sorted rows to the device owning those experts (all-to-all over
+`expert`) and back; route, the expert compute (`grouped_swiglu`) and the losses are the functions below, unchanged.
 
 Aux outputs (the FFN contract of models/transformer.py: `_loss` keys join the training loss, the rest is
 logged, everything is averaged over layers by the transformer):
@@ -47,6 +46,9 @@ from efficientllm_jax.kernels import gmm as gmm_lib
 from efficientllm_jax.models.layers import SwiGLU, dense, dtype, normal_init
 
 F32 = jnp.float32
+# Logical axes of the stacked expert weights: gate/up [E, D, F], down [E, F, D].
+EXPERT_IN = ("expert", "embed", "mlp")
+EXPERT_OUT = ("expert", "mlp", "embed")
 
 
 class Routing(NamedTuple):
@@ -156,13 +158,27 @@ def combine_capacity(y_ecd, weights_nk, plan: CapacityPlan):
 
 # ----- modules -----
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str, local: bool = False) -> str:
   """moe.impl=auto: the Pallas grouped matmul on one GPU (measured 5x faster than ragged_dot there,
   benchmarks/RESULTS.md), else ragged_dot (CPU: interpret mode would be slow; several devices: the kernel is a
-  custom call GSPMD cannot partition, so it would gather its operands)."""
+  custom call GSPMD cannot partition, so it would gather its operands). `local`: the call sees one device's
+  arrays (inside the expert-parallel shard_map), so the kernel needs no partitioning."""
   if impl != "auto":
     return impl
-  return "pallas" if jax.default_backend() == "gpu" and jax.device_count() == 1 else "ragged_dot"
+  one_device = local or jax.device_count() == 1
+  return "pallas" if jax.default_backend() == "gpu" and one_device else "ragged_dot"
+
+
+def grouped_swiglu(x_md, gate_edf, up_edf, down_efd, group_sizes_e, impl: str):
+  """Rows sorted by expert (group_sizes_e rows each; rows past their sum give zeros) -> SwiGLU outputs [M, D].
+  Weights already in the compute dtype; one grouped matmul per projection."""
+  if impl == "pallas":
+    # gate and up as one [E, D, 2F] grouped matmul: x is read once and the kernel gets twice the columns.
+    f = gate_edf.shape[-1]
+    h_mf2 = gmm_lib.gmm(x_md, jnp.concatenate([gate_edf, up_edf], axis=-1), group_sizes_e)
+    return gmm_lib.gmm(jax.nn.silu(h_mf2[:, :f]) * h_mf2[:, f:], down_efd, group_sizes_e)
+  rd = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes_e)
+  return rd(jax.nn.silu(rd(x_md, gate_edf)) * rd(x_md, up_edf), down_efd)
 
 
 class Experts(nnx.Module):
@@ -175,26 +191,20 @@ class Experts(nnx.Module):
     def param(names, shape):
       return nnx.Param(normal_init(cfg.model.init_std, names)(rngs.params(), shape, pdt))
 
-    self.gate = param(("expert", "embed", "mlp"), (e, d, f))
-    self.up = param(("expert", "embed", "mlp"), (e, d, f))
-    self.down = param(("expert", "mlp", "embed"), (e, f, d))
+    self.gate = param(EXPERT_IN, (e, d, f))
+    self.up = param(EXPERT_IN, (e, d, f))
+    self.down = param(EXPERT_OUT, (e, f, d))
     self.dtype = dtype(cfg.model.dtype)
-    self.impl = resolve_impl(cfg.moe.get("impl", "auto"))
+    self.impl_setting = cfg.moe.get("impl", "auto")  # resolved per path: GSPMD-partitioned or per-device
+    self.impl = resolve_impl(self.impl_setting)
 
   def cast(self, p):
     return p[...].astype(self.dtype)
 
   def grouped(self, x_md, group_sizes_e):
     """Rows sorted by expert (group_sizes_e rows each) -> outputs [M, D], one ragged matmul per projection."""
-    x_md = x_md.astype(self.dtype)
-    if self.impl == "pallas":
-      # gate and up as one [E, D, 2F] grouped matmul: x is read once and the kernel gets twice the columns.
-      f = self.gate.shape[-1]
-      gate_up = jnp.concatenate([self.cast(self.gate), self.cast(self.up)], axis=-1)
-      h_mf2 = gmm_lib.gmm(x_md, gate_up, group_sizes_e)
-      return gmm_lib.gmm(jax.nn.silu(h_mf2[:, :f]) * h_mf2[:, f:], self.cast(self.down), group_sizes_e)
-    rd = lambda a, w: jax.lax.ragged_dot(a, self.cast(w), group_sizes_e)
-    return rd(jax.nn.silu(rd(x_md, self.gate)) * rd(x_md, self.up), self.down)
+    return grouped_swiglu(x_md.astype(self.dtype), self.cast(self.gate), self.cast(self.up), self.cast(self.down),
+                          group_sizes_e, self.impl)
 
   def batched(self, x_ecd):
     """Fixed-capacity buffer [E, C, D] -> outputs [E, C, D], one batched matmul per projection."""
@@ -216,6 +226,9 @@ class MoE(nnx.Module):
     self.aux_loss_coef = float(mo.aux_loss_coef)
     self.z_loss_coef = float(mo.z_loss_coef)
     self.num_layers = m.num_layers
+    self.expert_parallel = mo.get("expert_parallel", "auto")  # models/moe_ep.py
+    self.ep_capacity_factor = float(mo.get("ep_capacity_factor", 0.0))
+    self.ep_exchange = mo.get("ep_exchange", "auto")
     # The router stays fp32 whatever model.param_dtype says: fp32 logits need fp32 weights.
     self.router = nnx.Param(normal_init(m.init_std, ("embed", None))(rngs.params(), (m.hidden, mo.num_experts), F32))
     self.experts = Experts(cfg, rngs=rngs)
@@ -229,20 +242,24 @@ class MoE(nnx.Module):
   def router_logits(self, x_nd):
     return jnp.dot(x_nd.astype(F32), self.router[...], precision=jax.lax.Precision.HIGHEST)
 
-  def routed(self, x_nd, r: Routing):
+  def routed(self, x_btd, r: Routing):
     """Dispatch -> experts -> combine; returns (y_nd, dropped assignment count)."""
-    if self.capacity_factor <= 0:
-      x_md, plan = dispatch_sorted(x_nd, r.experts_nk, self.num_experts)
-      return combine_sorted(self.experts.grouped(x_md, plan.group_sizes_e), r.weights_nk, plan), jnp.zeros((), F32)
-    cap = capacity(x_nd.shape[0], self.top_k, self.num_experts, self.capacity_factor)
-    x_ecd, plan, dropped = dispatch_capacity(x_nd, r.experts_nk, self.num_experts, cap)
-    return combine_capacity(self.experts.batched(x_ecd), r.weights_nk, plan), dropped.astype(F32)
+    from efficientllm_jax.models import moe_ep  # noqa: PLC0415 - moe_ep builds on this module
+    x_nd = x_btd.reshape(-1, x_btd.shape[-1])
+    if self.capacity_factor > 0:
+      cap = capacity(x_nd.shape[0], self.top_k, self.num_experts, self.capacity_factor)
+      x_ecd, plan, dropped = dispatch_capacity(x_nd, r.experts_nk, self.num_experts, cap)
+      return combine_capacity(self.experts.batched(x_ecd), r.weights_nk, plan), dropped.astype(F32)
+    if ep := moe_ep.active(self.expert_parallel, x_btd.shape):  # (mesh, rules): all-to-all over `expert`
+      return moe_ep.routed(self, x_btd, r, *ep)
+    x_md, plan = dispatch_sorted(x_nd, r.experts_nk, self.num_experts)
+    return combine_sorted(self.experts.grouped(x_md, plan.group_sizes_e), r.weights_nk, plan), jnp.zeros((), F32)
 
   def __call__(self, x_btd):
     b, t, d = x_btd.shape
     x_nd = x_btd.reshape(b * t, d)
     r = route(self.router_logits(x_nd), self.top_k, self.renormalize)
-    y_nd, dropped = self.routed(x_nd, r)
+    y_nd, dropped = self.routed(x_btd, r)
     if self.shared is not None:
       s_nd, _ = self.shared(x_nd)
       if self.shared_gate is not None:

@@ -137,6 +137,11 @@ def activation_sharding(mesh: Mesh, rules: dict[str, Any]):
     _ACTIVE.pop()
 
 
+def active_mesh() -> tuple[Mesh, dict[str, Any]] | None:
+  """(mesh, rules) of the innermost activation_sharding context (code that picks a shard_map path), or None."""
+  return _ACTIVE[-1] if _ACTIVE else None
+
+
 def shard(x, names: Sequence[str | None]):
   """Constrain activation `x` to the mesh axes its logical `names` map to; identity with no active mesh."""
   if not _ACTIVE:

@@ -170,7 +170,7 @@ def grouped_matmul(x_mk, w_ekn, group_sizes_e, *, transpose_rhs: bool = False, t
   kernel = functools.partial(_gmm_kernel, num_groups=e, transpose_rhs=transpose_rhs, bm=bm, bn=bn, bk=bk)
   y = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((mp, np_), x_mk.dtype),
+      out_shape=jax.ShapeDtypeStruct((mp, np_), x_mk.dtype, manual_axis_type=_mat(x_mk)),
       grid=(np_ // bn, group_v.shape[0]),
       compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
       interpret=interpret,
@@ -216,13 +216,30 @@ def transposed_grouped_matmul(x_mk, dy_mn, group_sizes_e, num_groups: int, *, ti
   kp, np_ = x.shape[1], dy.shape[1]
   out = pl.pallas_call(
       functools.partial(_tgmm_kernel, bm=bm, bn=bn, bk=bk),
-      out_shape=jax.ShapeDtypeStruct((num_groups, kp, np_), out_dtype or x_mk.dtype),
+      out_shape=jax.ShapeDtypeStruct((num_groups, kp, np_), out_dtype or x_mk.dtype, manual_axis_type=_mat(x_mk)),
       grid=(np_ // bn, kp // bk, num_groups),
       compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
       interpret=interpret,
       name="tgmm",
   )(starts_e, ends_e, x, dy)
   return out[:, :k, :n]
+
+
+def _mat(x):
+  """The manual-axis type of x (which mesh axes it varies over inside a shard_map; empty outside one)."""
+  return jax.typeof(x).manual_axis_type
+
+
+def _varying_alike(*arrays):
+  """Inside a shard_map (check_vma), every operand cast to vary over the union of their varying axes: the kernels
+  declare their outputs with that type, so the custom VJP's cotangents match their primals, and the casts'
+  transposes (psums) reduce e.g. the weight gradient over the token axes outside the kernel. No-op elsewhere."""
+  union = frozenset().union(*(_mat(a).varying for a in arrays))
+  out = []
+  for a in arrays:
+    missing = tuple(sorted(union - _mat(a).varying))
+    out.append(lax.pcast(a, missing, to="varying") if missing else a)
+  return out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -256,4 +273,5 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, config: GmmConfig | None = None, interpre
     raise ValueError(f"gmm needs one dtype: x is {x_mk.dtype}, w is {w_ekn.dtype} (cast one of them)")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  return _gmm(x_mk, w_ekn, group_sizes_e.astype(jnp.int32), config or GmmConfig(), bool(interpret))
+  x_mk, w_ekn, group_sizes_e = _varying_alike(x_mk, w_ekn, group_sizes_e.astype(jnp.int32))
+  return _gmm(x_mk, w_ekn, group_sizes_e, config or GmmConfig(), bool(interpret))
