@@ -72,7 +72,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   a.nsa.window = 32 if tiny else 128  # w
   a.nsa.local_blocks = 2  # blocks ending at the query's own block that are always selected (paper: 2)
   a.nsa.query_chunk = 0  # queries per chunk of the compressed/selected scan; 0 = auto (memory-bounded)
-  a.nsa.impl = "reference"  # reference (pure JAX, models/attention/nsa.py) | pallas (kernels/nsa)
+  # auto (pallas on GPU when the geometry suits the kernels, else reference) | reference (pure JAX,
+  # models/attention/nsa.py) | pallas (kernels/nsa; interpreted off GPU)
+  a.nsa.impl = "auto"
 
   c.position = p = ml_collections.ConfigDict()
   p.kind = "rope"  # rope | sinusoidal | learned | relative | alibi | none (models/positional.py)
@@ -98,7 +100,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # shard_map (explicit all-to-all over `expert`) | gspmd (leave the dispatch to the XLA partitioner).
   mo.expert_parallel = "auto"
   mo.ep_capacity_factor = 0.0  # shard_map receive buffer: <= 0 dropless bound; f > 0: f * balanced load, drops counted
-  mo.ep_exchange = "auto"  # auto (ragged off CPU) | ragged_all_to_all | all_to_all (padded; works everywhere)
+  mo.ep_exchange = "auto"  # auto (= all_to_all) | all_to_all (padded buffers) | ragged_all_to_all (not on CPU)
   mo.aux_loss_coef = 0.01  # Switch load-balancing loss
   mo.z_loss_coef = 0.0  # router z-loss
   mo.num_shared_experts = 0  # always-on experts beside the routed ones (DeepSeek / Qwen2-MoE)

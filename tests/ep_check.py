@@ -32,7 +32,7 @@ CPU_CASES = {
     "ep4_dp2_gspmd": (dict(data=2, expert=4), {"expert_parallel": "gspmd"}),
     "ep4_fsdp2_cap": (dict(fsdp=2, expert=4), {"ep_capacity_factor": 0.75}),
 }
-GPU_CASES = {  # 4 GPUs: ragged_all_to_all and the Pallas grouped matmul (moe.impl=auto inside the shard_map)
+GPU_CASES = {  # 4 GPUs: the default exchange and the Pallas grouped matmul (moe.impl=auto inside the shard_map)
     "ep4": (dict(expert=4), {}),
     "ep2_dp2": (dict(data=2, expert=2), {}),
     "ep2_tp2": (dict(tensor=2, expert=2), {}),

@@ -59,10 +59,10 @@ def test_gpu_path_lowers_for_h100(ep_runs):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu" or jax.device_count() < 4, reason="needs 4 GPUs")
-def test_gpu_ragged_exchange_and_kernel_equal_single_device():
-  """On 4 GPUs: ragged_all_to_all (auto off CPU) and the Pallas grouped matmul inside the shard_map, fp32."""
+def test_gpu_exchange_and_kernel_equal_single_device():
+  """On 4 GPUs: the default exchange (padded all_to_all) and the Pallas grouped matmul inside the shard_map, fp32."""
   from tests import ep_check  # noqa: PLC0415 - imports the model stack; only this test needs it
-  assert moe_ep.resolve_exchange("auto") == "ragged_all_to_all"
+  assert moe_ep.resolve_exchange("auto") == "all_to_all"
   runs = ep_check.gpu_cases()
   for case, run in runs.items():
     assert run["shard_map"], case

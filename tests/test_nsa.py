@@ -379,7 +379,7 @@ def test_presets():
     (dict(window=0), r"attention.nsa.window=0 must be a positive integer"),
     (dict(local_blocks=0), r"attention.nsa.local_blocks=0 must be a positive integer"),
     (dict(query_chunk=-1), r"attention.nsa.query_chunk=-1 must be a number >= 0"),
-    (dict(impl="triton"), r"attention.nsa.impl='triton' is not known: use one of reference, pallas"),
+    (dict(impl="triton"), r"attention.nsa.impl='triton' is not known: use one of auto, reference, pallas"),
     (dict(impl="pallas", select_block=96), "attention.nsa.select_block=96 must be a power of two"),
 ])
 def test_validation_messages(overrides, message):

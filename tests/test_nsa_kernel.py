@@ -153,6 +153,27 @@ def test_nsa_pallas_refuses_a_logit_bias():
     config_lib.validate(c)
 
 
+@pytest.mark.parametrize("backend,changes,want", [
+    ("cpu", {}, "reference"),
+    ("gpu", {}, "pallas"),
+    ("gpu", {"position.kind": "alibi"}, "reference"),  # the kernels take no logit bias
+    ("gpu", {"attention.nsa.select_block": 48}, "reference"),  # Triton tiles need powers of two
+    ("cpu", {"attention.nsa.impl": "pallas"}, "pallas"),  # explicit choices stand
+    ("gpu", {"attention.nsa.impl": "reference"}, "reference"),
+])
+def test_nsa_impl_auto_picks_kernels_on_gpu_when_geometry_fits(monkeypatch, backend, changes, want):
+  c = nsa_config.get_config("0.5B")
+  assert c.attention.nsa.impl == "auto"
+  for key, value in changes.items():
+    section, name = key.rsplit(".", 1)
+    node = c
+    for part in section.split("."):
+      node = node[part]
+    node[name] = value
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  assert nsa.resolve_impl(c) == want
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GPU: compiled Triton kernels vs the references at the EfficientLLM geometry, bf16
 
