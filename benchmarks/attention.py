@@ -3,10 +3,13 @@
   python benchmarks/attention.py                                   # full grid (S 2K/8K/32K, d 64/128/192, 14/2 12/2 16/2)
   python benchmarks/attention.py --seq=8192 --dims=128 --layouts=12/2 --configs=64x64x4x2,128x64x8x3
   python benchmarks/attention.py --json=/tmp/attn.json --impls=pallas,cudnn
+  python benchmarks/attention.py --seq=8192 --dims=128 --layouts=12/2 --bias=t5   # T5 relative bias (or alibi)
 
 Random bf16 inputs, causal. Each case is jitted once, run --warmup times, then timed --iters times with
 jax.block_until_ready before reading the clock; the median is reported. cuDNN always runs in the same process as
 the baseline ("vs cuDNN" column). d = 192 means MLA's 192 (q/k) / 128 (v) head dims; cuDNN pads v to 192.
+--bias gives pallas and xla a logit bias (T5: 32 buckets, max distance 128, random table; ALiBi: the paper's
+slopes); cuDNN takes none, so with a bias its column is the unbiased baseline.
 
 FLOP convention: forward = 2*B*H*T*S*(Dqk + Dv) matmul FLOPs, backward = 2*B*H*T*S*(3*Dqk + 2*Dv) (recomputed
 logits, dP, dV, dQ, dK); causal attention counts half of each (only the visible triangle is useful work), so
@@ -33,6 +36,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from efficientllm_jax.models.attention import ops  # noqa: E402
+from efficientllm_jax.models.positional import ALiBiBias, T5Bias, alibi_slopes  # noqa: E402
 
 EXTRA: dict[str, Callable] = {}  # name -> fn(q, k, v) -> out; see register()
 
@@ -83,17 +87,26 @@ def parse_configs(text: str) -> list[ops.PallasBlocks]:
   return out
 
 
-def impls_for(args, dqk: int, window: int) -> dict[str, Callable]:
+def make_bias(kind: str, h: int):
+  if kind == "t5":
+    return T5Bias(jax.random.normal(jax.random.key(5), (32, h)) * 0.5, 32, 128)
+  if kind == "alibi":
+    return ALiBiBias(jnp.asarray(alibi_slopes(h), jnp.float32))
+  return None
+
+
+def impls_for(args, dqk: int, window: int, h: int) -> dict[str, Callable]:
   scale = 1.0 / math.sqrt(dqk)
   fns: dict[str, Callable] = {}
   names = args.impls.split(",")
+  bias = make_bias(args.bias, h)
   fns["cudnn"] = functools.partial(ops.cudnn_attention, scale=scale, window=window)  # the baseline, always
   if "pallas" in names:
     for blk in parse_configs(args.configs) or [ops.PallasBlocks()]:
       tag = f"pallas {blk.block_q}x{blk.block_k}x{blk.num_warps}x{blk.num_stages}"
-      fns[tag] = functools.partial(ops.pallas_attention, scale=scale, window=window, blocks=blk)
+      fns[tag] = functools.partial(ops.pallas_attention, scale=scale, window=window, blocks=blk, bias=bias)
   if "xla" in names:
-    fns["xla"] = functools.partial(ops.xla_attention, scale=scale, window=window)
+    fns["xla"] = functools.partial(ops.xla_attention, scale=scale, window=window, bias=bias)
   fns.update(EXTRA)
   return fns
 
@@ -108,6 +121,7 @@ def main(argv=None) -> int:
   ap.add_argument("--impls", default="pallas,cudnn,xla", help="cudnn always runs (baseline)")
   ap.add_argument("--configs", default="", help="pallas tiles block_q x block_k x warps x stages, comma-separated")
   ap.add_argument("--window", type=int, default=0)
+  ap.add_argument("--bias", default="none", choices=("none", "t5", "alibi"), help="logit bias (pallas, xla)")
   ap.add_argument("--xla-max-seq", type=int, default=8192, help="skip the (slow) xla path above this S")
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--iters", type=int, default=10)
@@ -116,7 +130,7 @@ def main(argv=None) -> int:
 
   dev = jax.devices()[0]
   print(f"# attention benchmark: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
-        f"causal, bf16, window {args.window}, median of {args.iters}\n")
+        f"causal, bf16, window {args.window}, bias {args.bias}, median of {args.iters}\n")
   print("| S | B | heads | dqk/dv | mode | impl | ms | TF/s | vs cuDNN |")
   print("|---|---|---|---|---|---|---|---|---|")
   rows = []
@@ -133,10 +147,11 @@ def main(argv=None) -> int:
         do = jax.random.normal(ks[3], (b, s, h, dv), jnp.bfloat16)
         for mode in args.modes.split(","):
           base_ms = None
-          for name, fn in impls_for(args, dqk, args.window).items():
+          for name, fn in impls_for(args, dqk, args.window, h).items():
             if name == "xla" and s > args.xla_max_seq:
               continue
-            row = dict(S=s, B=b, H=h, K=kvh, dqk=dqk, dv=dv, mode=mode, impl=name, window=args.window)
+            row = dict(S=s, B=b, H=h, K=kvh, dqk=dqk, dv=dv, mode=mode, impl=name, window=args.window,
+                       bias=args.bias)
             try:
               ms = time_attention(fn, q, k, v, do, mode=mode, warmup=args.warmup, iters=args.iters)
               tfs = flops(b, h, s, dqk, dv, args.window, mode) / (ms * 1e-3) / 1e12

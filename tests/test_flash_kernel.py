@@ -2,7 +2,8 @@
 
 References: kernels/flash/reference.py (dense fp32 softmax, repeated K/V heads) and ops.xla_attention with the
 positional bias objects' own dense() (LUT gather), so the kernel's row flattening, base-2 online softmax,
-threshold-counted buckets and block skipping are all checked against code that shares none of them.
+near-bias strips (far blocks without bias) and block skipping are all checked against code that shares none of
+them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 
 from efficientllm_jax.config import ConfigError, validate
 from efficientllm_jax.kernels.flash import flash_attention, reference_attention
+from efficientllm_jax.kernels.flash import kernel as kernel_lib
 from efficientllm_jax.models.attention import ops
 from efficientllm_jax.models.positional import ALiBiBias, T5Bias, alibi_slopes
 from tests.conftest import tiny_config
@@ -63,6 +65,76 @@ def test_gqa_causal_odd_lengths_with_relative_bias_through_ops():
   _close(got[1][:3], want[1][:3])
   _close(got[1][3], want[1][3], atol=1e-4)  # the table gradient sums ~T*S/buckets terms
   assert float(jnp.abs(want[1][3]).min()) > 0  # every bucket occurs at these lengths: the check is not vacuous
+
+
+def test_t5_default_buckets_far_and_near_blocks_through_ops():
+  """T5's default 32 buckets / max distance 128 (bias constant from d = 113 on), T = S = 301: kv blocks far from
+  the diagonal (no bias in the kernel) and near it (bias strip), GQA 6/2 over 32-row tiles (3 strip phases, rows
+  of one position split across tiles), odd tails. Outputs and q, k, v, table gradients vs the dense model bias."""
+  q, k, v, do = _qkv(10, 1, 301, 301, 6, 2, 16, 16)
+  table = jax.random.normal(jax.random.key(11), (32, 6))
+  blocks = ops.PallasBlocks(block_q=32, block_k=32)
+
+  def kernel(q, k, v, table):
+    return ops.attention(q, k, v, impl="pallas", bias=T5Bias(table, 32, 128), pallas=blocks)
+
+  def xla(q, k, v, table):
+    return ops.xla_attention(q, k, v, scale=0.25, bias=T5Bias(table, 32, 128))
+
+  got, want = _out_and_grads(kernel, (q, k, v, table), do), _out_and_grads(xla, (q, k, v, table), do)
+  _close(got[0], want[0])
+  _close(got[1][:3], want[1][:3])
+  _close(got[1][3], want[1][3], atol=1e-4)
+  assert float(jnp.abs(want[1][3]).min()) > 0  # every bucket, the far one included, gets a gradient
+
+
+@pytest.mark.parametrize("t,s,h,kvh,window,q_offset,block_q,block_k", [
+    (50, 90, 7, 1, 0, 40, 32, 16),  # MQA G = 7: 7 strip phases; queries at offset 40
+    (61, 61, 2, 2, 13, 0, 16, 32),  # MHA, window 13 < D = 16: every visible block is near
+    (40, 100, 6, 2, 30, 60, 16, 16),  # window 30 > D: far blocks cut by the window on the left
+])
+def test_t5_window_offset_vs_reference(t, s, h, kvh, window, q_offset, block_q, block_k):
+  """Step bias (T5 8 buckets / max distance 20) vs the dense reference: windows below and above the near distance,
+  query offsets, MHA / MQA; outputs and q, k, v, bias-coefficient gradients."""
+  q, k, v, do = _qkv(t + s, 1, t, s, h, kvh, 16, 16)
+  kind, thr, coef = T5Bias(jax.random.normal(jax.random.key(s), (8, h)), 8, 20).kernel_terms()
+  kw = dict(window=window, q_offset=q_offset, bias_kind=kind, bias_thresholds=thr)
+
+  def kernel(q, k, v, coef):
+    return flash_attention(q, k, v, bias_coef_nh=coef, block_q=block_q, block_k=block_k, **kw)
+
+  def ref(q, k, v, coef):
+    return reference_attention(q, k, v, bias_coef_nh=coef, **kw)
+
+  got, want = _out_and_grads(kernel, (q, k, v, coef), do), _out_and_grads(ref, (q, k, v, coef), do)
+  _close(got, want, atol=3e-5)
+
+
+def test_t5_strips_hold_the_bucket_bias_at_every_distance():
+  """The kernel's near-bias strips (what each near tile loads) equal the model's dense T5 bias minus its far value
+  at every (row, key) they cover with distance 0 <= d < D, and 0 beyond D; and the dense bias is that far value at
+  every distance >= D up to 400 (what lets the far blocks skip the bias)."""
+  nb, md, h, kvh, bq, bk = 32, 128, 12, 2, 64, 64
+  table = jax.random.normal(jax.random.key(3), (nb, h))
+  bias = T5Bias(table, nb, md)
+  kind, thr, coef = bias.kernel_terms()
+  near, phases, strips = kernel_lib._near_strips(thr, coef, kvh, h // kvh, bq, bk)
+  g = h // kvh
+  far = bias.dense(jnp.asarray([near]), jnp.zeros(1, jnp.int32))[:, 0, 0]  # [H]
+  dense_far = bias.dense(jnp.arange(near, 400), jnp.zeros(1, jnp.int32))[:, :, 0]
+  np.testing.assert_array_equal(np.asarray(dense_far), np.broadcast_to(np.asarray(far)[:, None], dense_far.shape))
+  assert phases == 3 and near == max(thr)
+  for p in range(phases):
+    r0 = p * bq
+    rows = r0 + np.arange(bq)
+    pos, head = rows // g, rows % g
+    keys = r0 // g - near + 1 - bk + np.arange(strips.shape[-1])  # column 0's key, then one key per column
+    dist = pos[:, None] - keys[None, :]
+    dense = bias.dense(jnp.asarray(pos), jnp.asarray(keys))  # [H, bq, width]
+    for kk in range(kvh):
+      want = np.asarray(dense - far[:, None, None])[kk * g + head, np.arange(bq)]
+      want = np.where((dist >= 0) & (dist < near), want, 0.0)
+      np.testing.assert_allclose(np.asarray(strips[kk, p]), want, atol=1e-6)
 
 
 def test_window_query_offset_alibi_unequal_head_dims():
@@ -160,11 +232,12 @@ LOWER_CASES = {  # t, s, h, kvh, dqk, dv, extra flash_attention kwargs
     "alibi": (1024, 1024, 12, 2, 128, 128, {"bias": ALIBI_TERMS}),
     "odd_lengths_offset": (1000, 1100, 12, 2, 128, 128, {"q_offset": 100}),
     "gqa14_2_d64_window": (1000, 1000, 14, 2, 64, 64, {"window": 256}),  # 0.5B: G = 7 rows per position
+    "t5_gqa14_odd_offset": (1000, 1100, 14, 2, 64, 64, {"bias": T5_TERMS, "q_offset": 100}),  # 7 strip phases
 }
 
 
 DEFAULT_BLOCKS = (64, 64, 4, 2)  # block_q, block_k, warps, stages: flash_attention's and attention.pallas' defaults
-DEFAULT_ONLY = ("t5", "gqa14_2_d64_window")  # t5: 32 unrolled threshold steps, the slowest to lower
+DEFAULT_ONLY = ("gqa14_2_d64_window", "t5_gqa14_odd_offset")
 LOWER_GRID = [(c, DEFAULT_BLOCKS) for c in LOWER_CASES] + [
     (c, b) for b in [(128, 64, 8, 2), (64, 128, 8, 2)] for c in LOWER_CASES if c not in DEFAULT_ONLY]
 

@@ -1,7 +1,7 @@
 """Pure-jnp reference for the flash kernel: dense fp32 logits [B, H, T, S], the same mask and bias definitions.
 
-Independent of the kernel's tiling, row flattening, base-2 softmax and threshold counting: the bias is evaluated
-here by a direct per-(query, key) formula, the step bias as the LUT-style bucket index of the distance.
+Independent of the kernel's tiling, row flattening, base-2 softmax and near-bias strips: the bias is evaluated
+here by a direct per-(query, key) formula, the step bias from the thresholds every distance has passed.
 """
 
 from __future__ import annotations
