@@ -11,6 +11,11 @@
 #                 GPU0 flash attention vs cuDNN, grouped matmul vs ragged_dot and dense, MoE step vs a dense model
 #                 of equal active parameters; GPU1 NSA kernels vs full cuDNN, our 0.5B step vs the transformers
 #                 peer). Writes $OUT/k_gpu*.txt.
+#         perf (1 GPU: ours vs the peer at 0.5B / 1.5B with remat dots and dots_kernels, MoE 0.5Bx8 vs dense with
+#               both, each with the device-time profile),
+#         t5 (1 GPU: the flash kernel's T5 bias: GPU test, kernel vs xla, 1.5B training through pallas vs xla),
+#         grid (1 GPU: flash attention vs cuDNN at 2K and 8K, all head dims and layouts),
+#         ep4 (4 GPUs: expert-parallel GPU test, MoE 1.5Bx8 over expert=4 through the sbatch script).
 # Results (tables, summaries) are copied to OUTDIR (default $OUT, else results/).
 set -uo pipefail
 stage=$1; out=${2:-${OUT:-results}}
@@ -69,6 +74,31 @@ case $stage in
       timeout 150 python benchmarks/throughput.py --config=configs/base.py:0.5B --steps=5 --override="" 2>&1
     ) > $out/k_gpu1.txt &
     wait; tail -n 30 $out/k_gpu*.txt ;;
+  perf) T=benchmarks/throughput.py
+    python $T --config=configs/base.py:0.5B --steps=8 --timeout_s=110 --profile=2 --json=$out/perf05.json \
+      --override="" --override="model.remat=dots_kernels" 2>&1 | grep -v "^{"
+    python $T --config=configs/base.py:1.5B --steps=6 --timeout_s=130 --profile=2 --json=$out/perf15.json \
+      --override="" --override="model.remat=dots_kernels" 2>&1 | grep -v "^{"
+    python $T --config=configs/base.py:0.5B --set=model.ffn_dim=9728 --peer=0 --steps=6 --timeout_s=110 --profile=2 \
+      --json=$out/perf_moe.json --override="" --override="config=configs/moe/moe.py:0.5Bx8" \
+      --override="config=configs/moe/moe.py:0.5Bx8;model.remat=dots_kernels" 2>&1 | grep -v "^{" ;;
+  t5) timeout 150 python -m pytest -q -m gpu tests/test_flash_kernel.py 2>&1 | tail -3
+      timeout 120 python benchmarks/attention.py --seq=2048,8192 --dims=128 --layouts=12/2 --impls=pallas,xla --bias=t5
+      for impl in pallas xla; do
+        timeout 200 python -m launch --config=configs/positional/relative.py:1.5B --workdir=$R/t5_$impl --overwrite \
+          --config.attention.impl=$impl --config.train.steps=20 --config.train.eval_batches=1 \
+          --config.checkpoint.every=0 2>&1 | grep -E "^(done|error)"
+      done ;;
+  grid) timeout 400 python benchmarks/attention.py --seq=2048,8192 --impls=pallas,cudnn --json=$out/attn_grid.json \
+          2>&1 | tail -40 ;;
+  ep4) timeout 200 python -m pytest -q -m gpu tests/test_expert_parallel.py 2>&1 | tail -3
+       S=results/efficientllm_benchmark/slurm
+       python -m launch.slurm moe --scale=paper --partition=local --gpus=4 --only=moe_1.5Bx8 --steps=10 \
+         --script=$S/ep4.sbatch --config.checkpoint.every=0 --config.train.eval_batches=1 --config.data.eval_fraction=0.06 \
+         --config.mesh.shape.data=1 --config.mesh.shape.expert=4 > /dev/null
+       PATH=$PWD/benchmarks/local_slurm:$PATH SLURM_ARRAY_TASK_ID=0 timeout 240 bash $S/ep4.sbatch 2>&1 \
+         | grep -E "^(model|done|error|Traceback)|Error" | head -5
+       python -m launch.bench tables --noplots ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
 # At most a few files come back from a device call: one archive of summaries, tables, configs and metrics rows.

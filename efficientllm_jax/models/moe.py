@@ -41,8 +41,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from efficientllm_jax.kernels import gmm as gmm_lib
+from efficientllm_jax.models import remat
 from efficientllm_jax.models.layers import SwiGLU, dense, dtype, normal_init
 
 F32 = jnp.float32
@@ -172,12 +174,13 @@ def resolve_impl(impl: str, local: bool = False) -> str:
 def grouped_swiglu(x_md, gate_edf, up_edf, down_efd, group_sizes_e, impl: str):
   """Rows sorted by expert (group_sizes_e rows each; rows past their sum give zeros) -> SwiGLU outputs [M, D].
   Weights already in the compute dtype; one grouped matmul per projection."""
+  named = lambda y: checkpoint_name(y, remat.GROUPED_MATMUL)  # noqa: E731 - kept by model.remat=dots_kernels
   if impl == "pallas":
     # gate and up as one [E, D, 2F] grouped matmul: x is read once and the kernel gets twice the columns.
     f = gate_edf.shape[-1]
-    h_mf2 = gmm_lib.gmm(x_md, jnp.concatenate([gate_edf, up_edf], axis=-1), group_sizes_e)
-    return gmm_lib.gmm(jax.nn.silu(h_mf2[:, :f]) * h_mf2[:, f:], down_efd, group_sizes_e)
-  rd = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes_e)
+    h_mf2 = named(gmm_lib.gmm(x_md, jnp.concatenate([gate_edf, up_edf], axis=-1), group_sizes_e))
+    return named(gmm_lib.gmm(jax.nn.silu(h_mf2[:, :f]) * h_mf2[:, f:], down_efd, group_sizes_e))
+  rd = lambda a, w: named(jax.lax.ragged_dot(a, w, group_sizes_e))  # noqa: E731
   return rd(jax.nn.silu(rd(x_md, gate_edf)) * rd(x_md, up_edf), down_efd)
 
 

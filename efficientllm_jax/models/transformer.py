@@ -15,15 +15,12 @@ from flax import nnx
 from efficientllm_jax.models.attention import make_attention
 from efficientllm_jax.models.layers import Embed, RMSNorm, SwiGLU, dtype
 from efficientllm_jax.models.moe import MoE
+from efficientllm_jax.models import remat
 from efficientllm_jax.models.positional import PositionContext, make_position
 from efficientllm_jax.parallel.sharding import shard
 
 ACT_BTD = ("batch", "length", "act_embed")
 
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 def make_ffn(cfg, *, rngs: nnx.Rngs) -> nnx.Module:
@@ -73,7 +70,7 @@ class Transformer(nnx.Module):
     def run(block, x, ctx):
       return block(x, ctx)
     if self.remat != "none":
-      run = nnx.remat(run, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
+      run = nnx.remat(run, policy=remat.POLICIES[self.remat], prevent_cse=not self.scan_layers)
     return run
 
   def hidden(self, tokens_bt, positions_bt=None):

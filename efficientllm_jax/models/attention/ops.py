@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from efficientllm_jax.config import ConfigError
+from efficientllm_jax.models import remat
 
 XLA_BLOCK_Q = 512  # queries per block of the chunked xla path: logits of [B, H, 512, S] fp32 at a time
 MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked (padding) row stays NaN-free
@@ -117,8 +118,9 @@ def cudnn_attention(q, k, v, *, scale: float, window: int = 0):
   d = max(q.shape[-1], dv)
   q, k, v = _pad_last(q, d), _pad_last(k, d), _pad_last(v, d)
   kw = dict(local_window_size=(window - 1, 0)) if window else {}  # cuDNN: keys in (i - window, i]
-  out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn", **kw)
-  return out[..., :dv]
+  call = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,  # noqa: E731
+                                                       implementation="cudnn", **kw)
+  return remat.keep_residuals(call)(q, k, v)[..., :dv]
 
 
 def _compute_capability() -> tuple[int, ...] | None:
@@ -185,9 +187,11 @@ def pallas_attention(q, k, v, *, scale: float, bias=None, window: int = 0, q_off
   """The Pallas flash kernel (kernels/flash); biases go in as their kernel_terms(), never dense."""
   from efficientllm_jax.kernels.flash import flash_attention  # noqa: PLC0415  (keeps pallas off the import path)
   kind, thresholds, coef_nh = bias.kernel_terms() if bias is not None else (None, (), None)
-  return flash_attention(q, k, v, scale=scale, window=window, q_offset=q_offset, bias_kind=kind,
-                         bias_thresholds=thresholds, bias_coef_nh=coef_nh,
-                         **dataclasses.asdict(blocks or PallasBlocks()))
+  kw = dict(scale=scale, window=window, q_offset=q_offset, bias_kind=kind, bias_thresholds=thresholds,
+            **dataclasses.asdict(blocks or PallasBlocks()))
+  if coef_nh is None:
+    return remat.keep_residuals(lambda q, k, v: flash_attention(q, k, v, bias_coef_nh=None, **kw))(q, k, v)
+  return remat.keep_residuals(lambda q, k, v, c: flash_attention(q, k, v, bias_coef_nh=c, **kw))(q, k, v, coef_nh)
 
 
 def attention(q, k, v, *, impl: str = "auto", scale: float | None = None, bias=None, window: int = 0,
