@@ -92,6 +92,19 @@ def pytest_collection_modifyitems(config, items):
   items.sort(key=lambda item: not _heavy(item))
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+  # `--dist loadgroup` marks a grouped test by appending "@group" to its node id on the worker; pytest 9.2 ignores
+  # that write (pytest-xdist#1386), and the groups then spread over both workers without a word, each building the
+  # group's expensive module fixture. Fail before any fixture is built instead, naming the fix.
+  config = item.config
+  if hasattr(config, "workerinput") and config.getvalue("loadgroup") and item.get_closest_marker("xdist_group"):
+    if "@" not in item.nodeid[item.nodeid.rfind("]") + 1:]:
+      pytest.fail(f"--dist loadgroup did not group this test (pytest {pytest.__version__}; pytest-xdist#1386): its "
+                  "xdist_group fixture would be built on every worker; keep pytest<9.2 (requirements.txt)",
+                  pytrace=False)
+
+
 def pytest_unconfigure(config):
   if _OWN_COMPILE_CACHE and not hasattr(config, "workerinput"):
     shutil.rmtree(_OWN_COMPILE_CACHE, ignore_errors=True)
