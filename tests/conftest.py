@@ -1,5 +1,6 @@
 """Shared test setup: a repo-local data cache and small config helpers."""
 
+import json
 import os
 import shutil
 import tempfile
@@ -61,6 +62,22 @@ def tiny_config(**overrides):
   c.train.eval_every = 0
   c.train.eval_batches = 2
   return set_keys(c, overrides)
+
+
+# The end-to-end "a variant trains with a falling loss" runs (test_attention, test_positional_e2e, test_moe): 12 steps
+# of 4 x 64 tokens, enough for a tiny model's loss to fall clearly; every step logged.
+E2E_OVERRIDES = {"train.steps": 12, "train.warmup_steps": 3, "train.log_every": 1, "train.eval_every": 0,
+                 "train.eval_batches": 1, "train.micro_batch": 4, "data.seq_len": 64}
+
+
+def train_config_file(relpath: str, workdir, **overrides):
+  """Trains the tiny preset of a config file (E2E_OVERRIDES, then `overrides`) end to end in this process, as
+  `python -m launch --config=<relpath>:tiny` does after parsing its flags (the CLI itself: test_launch.py, and
+  test_config.py for its errors). Returns (summary, rows of metrics.jsonl)."""
+  from efficientllm_jax.train.loop import train_and_evaluate  # noqa: PLC0415
+  summary = train_and_evaluate(load_config_file(relpath, "tiny", **{**E2E_OVERRIDES, **overrides}), workdir)
+  rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return summary, rows
 
 
 @pytest.fixture
