@@ -1,5 +1,6 @@
 """Shared test setup: a repo-local data cache and small config helpers."""
 
+import json
 import os
 import shutil
 import tempfile
@@ -63,6 +64,22 @@ def tiny_config(**overrides):
   return set_keys(c, overrides)
 
 
+# The end-to-end "a variant trains with a falling loss" runs (test_attention, test_positional_e2e, test_moe): 12 steps
+# of 4 x 64 tokens, enough for a tiny model's loss to fall clearly; every step logged.
+E2E_OVERRIDES = {"train.steps": 12, "train.warmup_steps": 3, "train.log_every": 1, "train.eval_every": 0,
+                 "train.eval_batches": 1, "train.micro_batch": 4, "data.seq_len": 64}
+
+
+def train_config_file(relpath: str, workdir, **overrides):
+  """Trains the tiny preset of a config file (E2E_OVERRIDES, then `overrides`) end to end in this process, as
+  `python -m launch --config=<relpath>:tiny` does after parsing its flags (the CLI itself: test_launch.py, and
+  test_config.py for its errors). Returns (summary, rows of metrics.jsonl)."""
+  from efficientllm_jax.train.loop import train_and_evaluate  # noqa: PLC0415
+  summary = train_and_evaluate(load_config_file(relpath, "tiny", **{**E2E_OVERRIDES, **overrides}), workdir)
+  rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return summary, rows
+
+
 @pytest.fixture
 def tiny():
   return tiny_config
@@ -90,6 +107,19 @@ def pytest_collection_modifyitems(config, items):
   # Heavy tests first (stable order otherwise): under `-n 2` they start early and the many short tests fill the
   # gaps at the end, instead of one long test running alone on a single worker while the other idles.
   items.sort(key=lambda item: not _heavy(item))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+  # `--dist loadgroup` marks a grouped test by appending "@group" to its node id on the worker; pytest 9.2 ignores
+  # that write (pytest-xdist#1386), and the groups then spread over both workers without a word, each building the
+  # group's expensive module fixture. Fail before any fixture is built instead, naming the fix.
+  config = item.config
+  if hasattr(config, "workerinput") and config.getvalue("loadgroup") and item.get_closest_marker("xdist_group"):
+    if "@" not in item.nodeid[item.nodeid.rfind("]") + 1:]:
+      pytest.fail(f"--dist loadgroup did not group this test (pytest {pytest.__version__}; pytest-xdist#1386): its "
+                  "xdist_group fixture would be built on every worker; keep pytest<9.2 (requirements.txt)",
+                  pytrace=False)
 
 
 def pytest_unconfigure(config):

@@ -3,12 +3,6 @@ numpy formulas, parameter counts against the Qwen2.5 dimensions, config errors, 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -23,8 +17,7 @@ from efficientllm_jax import config as config_lib
 from efficientllm_jax.models import moe as moe_lib
 from efficientllm_jax.models.transformer import Transformer, param_counts
 from efficientllm_jax.train.step import loss_fn
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import train_config_file
 
 
 def small_cfg(hidden=16, experts=8, expert_dim=24, **moe):
@@ -263,19 +256,11 @@ def test_dense_config_ignores_moe_section():
 # ----- end to end -----
 
 @pytest.mark.slow
-def test_tiny_moe_trains_with_falling_loss(tmp_path):
-  env = dict(os.environ)
-  env.setdefault("EFFICIENTLLM_CACHE", "/tmp/elcache")
-  cmd = [sys.executable, "-m", "launch", "--config=configs/moe/moe.py:tiny", f"--workdir={tmp_path}",
-         "--config.train.steps=12", "--config.train.warmup_steps=2", "--config.train.log_every=4",
-         "--config.train.eval_every=0", "--config.train.eval_batches=1", "--config.train.micro_batch=4",
-         "--config.data.seq_len=64"]
-  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "ffn moe" in out.stdout
-  summary = json.loads((tmp_path / "summary.json").read_text())
+def test_tiny_moe_trains_with_falling_loss(tmp_path, capfd):
+  """configs/moe/moe.py:tiny end to end (tests/conftest.py:train_config_file, as `python -m launch` runs it)."""
+  summary, rows = train_config_file("configs/moe/moe.py", tmp_path, **{"train.warmup_steps": 2})
+  assert "ffn moe" in capfd.readouterr().out
   assert summary["final_loss"] < summary["first_loss"] - 0.5
-  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   train = [r for r in rows if r["split"] == "train"]
   assert {f"moe_load_{e}" for e in range(8)} <= set(train[-1])
   assert sum(train[-1][f"moe_load_{e}"] for e in range(8)) == pytest.approx(1.0)

@@ -407,7 +407,7 @@ def test_validation_of_window_and_sequence():
 def test_tiny_nsa_trains_with_falling_loss(tmp_path):
   from efficientllm_jax.train.loop import train_and_evaluate
   c = nsa_config.get_config("tiny")
-  c.train.steps, c.train.warmup_steps, c.train.log_every, c.train.eval_every, c.train.eval_batches = 30, 5, 1, 0, 1
+  c.train.steps, c.train.warmup_steps, c.train.log_every, c.train.eval_every, c.train.eval_batches = 15, 5, 1, 0, 1
   c.train.micro_batch, c.data.seq_len = 4, 64
   c.data.tokenizer, c.data.max_corpus_mb = "bytes", 2.0  # no BPE to train on a cold cache
   summary = train_and_evaluate(c, tmp_path)

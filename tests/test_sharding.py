@@ -12,9 +12,14 @@ from efficientllm_jax.parallel import sharding as sh
 from tests.conftest import ROOT, tiny_config
 
 
+def _cpu_devices_env(n: int) -> dict:
+  """This process's environment (XLA flags included) with `n` simulated CPU devices."""
+  flags = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
+  return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+
+
 def _run_meshes(names, overrides=None):
-  flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+  env = _cpu_devices_env(8)
   r = subprocess.run([sys.executable, "-m", "tests.multidevice_check", ",".join(names), json.dumps(overrides or {})],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -26,8 +31,8 @@ def dense_runs():
   return _run_meshes(["single", "dp8", "fsdp8", "dp2_fsdp2_tp2"])
 
 
-# The tests sharing `dense_runs` (one 8-device subprocess) stay on one xdist worker (`--dist loadgroup`), so the
-# module fixture runs once, not once per worker.
+# Every test using `dense_runs` (one 8-device subprocess) carries this mark: `--dist loadgroup` then keeps them on
+# one xdist worker, so the module fixture runs once, not once per worker (tests/conftest.py fails them otherwise).
 _DENSE = pytest.mark.xdist_group("sharding_dense")
 
 
@@ -89,12 +94,13 @@ def test_moe_with_expert_parallelism_equals_single_device():
   assert next(v for k, v in specs.items() if "'experts'" in k and "'down'" in k) == [None, "expert", None, "fsdp"]
 
 
-def test_two_processes_feeding_their_own_rows_equal_one_process(tmp_path):
+@_DENSE
+def test_two_processes_feeding_their_own_rows_equal_one_process(dense_runs, tmp_path):
   """Multi-host batch assembly: 2 processes x 2 CPU devices on jax.distributed, each passing only its rows to
   step.global_batch, train exactly as one process given the whole batch; only process 0 writes metrics."""
   import portpicker
   port = portpicker.pick_unused_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  env = _cpu_devices_env(2)
   procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_check", str(port), str(i), str(tmp_path)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
@@ -102,9 +108,8 @@ def test_two_processes_feeding_their_own_rows_equal_one_process(tmp_path):
   assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
   got = json.loads(outs[0][0].strip().splitlines()[-1])
   assert (got["processes"], got["devices"], got["batch_shape"]) == (2, 4, [1, 8, 64])
-  from tests import multidevice_check
-  single = multidevice_check.run("single", {})  # the same fixed batches, whole, on this process's one device
-  np.testing.assert_allclose(got["losses"], single["losses"], rtol=2e-5)
+  # The reference: multidevice_check.run("single", {}), the same fixed batches, whole, on one device.
+  np.testing.assert_allclose(got["losses"], dense_runs["single"]["losses"], rtol=2e-5)
   assert got["eval_first_rows"] == [0, 2, 4, 6]  # process 0's eval rows: every 2nd row of the micro-batch
   assert (tmp_path / "w0" / "metrics.jsonl").read_text().count("\n") == 1
   assert not (tmp_path / "w1" / "metrics.jsonl").exists() and not (tmp_path / "w1" / "tb").exists()
