@@ -165,8 +165,9 @@ def main(argv=None) -> int:
               row.update(error=msg)
               print(f"| {s} | {b} | {h}/{kvh} | {dqk}/{dv} | {mode} | {name} | error: {msg} | | |", flush=True)
             rows.append(row)
-  if args.json:
-    Path(args.json).write_text(json.dumps(dict(device=dev.device_kind, jax=jax.__version__, rows=rows), indent=1))
+            if args.json:  # after every row, so a run stopped by a time limit keeps what it measured
+              Path(args.json).write_text(json.dumps(dict(device=dev.device_kind, jax=jax.__version__, rows=rows),
+                                                    indent=1))
   return 0
 
 
