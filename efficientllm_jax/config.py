@@ -325,20 +325,26 @@ def validate_init(c) -> None:
     raise ConfigError(f"init.checkpoint={c.init.checkpoint!r} must be a path string (\"\" = random init)")
 
 
+def nsa_kernels_misfit(c) -> str | None:
+  """Why the NSA Pallas kernels (kernels/nsa) cannot run this config, or None: they tile by powers of two and take
+  no logit bias. validate() raises it for an explicit attention.nsa.impl=pallas; auto then takes the reference."""
+  if c.position.kind in BIAS_POSITION_KINDS:
+    return (f"attention.nsa.impl=pallas takes no logit bias, but position.kind={c.position.kind!r} adds "
+            "one: use --config.attention.nsa.impl=reference or a rope / additive position")
+  for key in ("attention.nsa.select_block", "model.head_dim"):
+    v = int(_get(c, key))
+    if v < 1 or v & (v - 1):
+      return (f"{key}={v} must be a power of two for attention.nsa.impl=pallas (Triton tiles): "
+              "use attention.nsa.impl=reference")
+  return None
+
+
 def validate_nsa_impl(c) -> None:
-  """attention.nsa.impl: the Pallas kernels (kernels/nsa) tile by powers of two and take no logit bias."""
+  """attention.nsa.impl, and for pallas whether the kernels can run the config."""
   if c.attention.kind != "nsa":
     return
-  if _one_of(c, "attention.nsa.impl", NSA_IMPLS) != "pallas":
-    return
-  if c.position.kind in BIAS_POSITION_KINDS:
-    raise ConfigError(f"attention.nsa.impl=pallas takes no logit bias, but position.kind={c.position.kind!r} adds "
-                      "one: use --config.attention.nsa.impl=reference or a rope / additive position")
-  for key in ("attention.nsa.select_block", "model.head_dim"):
-    v = _get(c, key)
-    if v & (v - 1):
-      raise ConfigError(f"{key}={v} must be a power of two for attention.nsa.impl=pallas (Triton tiles): "
-                        "use attention.nsa.impl=reference")
+  if _one_of(c, "attention.nsa.impl", NSA_IMPLS) == "pallas" and (reason := nsa_kernels_misfit(c)):
+    raise ConfigError(reason)
 
 
 def validate_pallas(c) -> None:
@@ -393,7 +399,7 @@ def validate_expert_parallel(c) -> None:
                       f"device num_experts/expert experts; use an expert axis of {_divisors(e)} or "
                       "--config.moe.expert_parallel=gspmd")
   rules = sharding.rules_of(c)
-  axes = {name: (a,) if isinstance(a, str) else tuple(a or ()) for name, a in rules.items()}
+  axes = {name: sharding.mesh_axes(a) for name, a in rules.items()}
   if axes.get("expert") != ("expert",):
     raise ConfigError(f"sharding_rules maps 'expert' to {rules.get('expert')!r}: moe.expert_parallel needs the expert "
                       "weights split over the `expert` mesh axis, so restore ('expert', 'expert') or use "

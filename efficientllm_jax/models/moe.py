@@ -101,13 +101,18 @@ class SortedPlan(NamedTuple):
   group_sizes_e: jax.Array  # int32 rows per expert, in expert order
 
 
+def inverse_permutation(order):
+  """inverse[order[i]] = i: the position each original row takes in x[order]."""
+  return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype), unique_indices=True)
+
+
 def dispatch_sorted(x_nd, experts_nk, num_experts: int):
   """Rows [N*k, D] sorted by expert (stable: token order inside a group) and the plan to undo it."""
   n, k = experts_nk.shape
   flat_m = experts_nk.reshape(-1)
   order_m = jnp.argsort(flat_m, stable=True)
   x_md = jnp.take(x_nd, order_m // k, axis=0)
-  inverse_m = jnp.zeros_like(order_m).at[order_m].set(jnp.arange(n * k, dtype=order_m.dtype), unique_indices=True)
+  inverse_m = inverse_permutation(order_m)
   group_sizes_e = jnp.bincount(flat_m, length=num_experts).astype(jnp.int32)
   return x_md, SortedPlan(inverse_m, group_sizes_e)
 

@@ -52,15 +52,10 @@ TOKEN_NAMES = ("batch", "length", None)  # x_btd's logical axes; the embed dim s
 _logged: set[str] = set()
 
 
-def _axes(entry) -> tuple[str, ...]:
-  """Mesh axes of one PartitionSpec entry."""
-  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def token_axes(shape_btd, mesh, rules) -> tuple[str, ...]:
   """Mesh axes the tokens of x_btd are split over (batch then length)."""
   spec = sh.logical_to_spec(TOKEN_NAMES, shape_btd, mesh, rules)
-  return _axes(spec[0]) + _axes(spec[1])
+  return sh.mesh_axes(spec[0]) + sh.mesh_axes(spec[1])
 
 
 def active(mode: str, shape_btd) -> tuple | None:
@@ -183,8 +178,7 @@ def regroup(kept_se, rows: int):
   seg_r = jnp.searchsorted(ends, jnp.arange(rows), side="right")
   expert_r = jnp.where(seg_r < s * e, seg_r % e, e)
   order_r = jnp.argsort(expert_r, stable=True)
-  inverse_r = jnp.zeros_like(order_r).at[order_r].set(jnp.arange(rows, dtype=order_r.dtype), unique_indices=True)
-  return order_r, inverse_r
+  return order_r, moe_lib.inverse_permutation(order_r)
 
 
 def local_moe(x_btd, w_btk, e_btk, gate, up, down, lay: Layout):
@@ -217,18 +211,18 @@ def routed(moe, x_btd, r: moe_lib.Routing, mesh, rules):
   b, t, d = x_btd.shape
   k = r.experts_nk.shape[-1]
   x_spec = sh.logical_to_spec(TOKEN_NAMES, x_btd.shape, mesh, rules)
-  tokens = _axes(x_spec[0]) + _axes(x_spec[1])
+  tokens = token_axes(x_btd.shape, mesh, rules)
   ex = moe.experts
   w_in = sh.logical_to_spec(moe_lib.EXPERT_IN, ex.gate.shape, mesh, rules)
   w_out = sh.logical_to_spec(moe_lib.EXPERT_OUT, ex.down.shape, mesh, rules)
-  if _axes(w_in[0]) != (EXPERT,):
+  if sh.mesh_axes(w_in[0]) != (EXPERT,):
     raise ValueError(f"moe.expert_parallel: expert weights are sharded {w_in}, not over `expert` on their expert "
                      "dim: keep sharding_rules ('expert', 'expert') and moe.num_experts divisible by mesh.shape.expert")
-  mlp = _axes(w_in[2])
+  mlp = sh.mesh_axes(w_in[2])
   split_tokens = bool(set(mlp) & set(tokens))
   lay = Layout(num_experts=moe.num_experts, devices=mesh.shape[EXPERT], capacity_factor=moe.ep_capacity_factor,
                exchange=resolve_exchange(moe.ep_exchange), impl=moe_lib.resolve_impl(ex.impl_setting, local=True),
-               dtype=ex.dtype, gather_embed=_axes(w_in[1]), gather_mlp=mlp if split_tokens else (),
+               dtype=ex.dtype, gather_embed=sh.mesh_axes(w_in[1]), gather_mlp=mlp if split_tokens else (),
                tensor_mlp=() if split_tokens else mlp)
   body = jax.shard_map(functools.partial(local_moe, lay=lay), mesh=mesh,
                        in_specs=(x_spec, x_spec, x_spec, w_in, w_in, w_out),  # x, routing weights, expert ids

@@ -76,6 +76,11 @@ def rules_of(cfg) -> dict[str, Any]:
   return {name: (tuple(axes) if isinstance(axes, list) else axes) for name, axes in cfg.sharding_rules}
 
 
+def mesh_axes(entry) -> tuple[str, ...]:
+  """Mesh axes of a rules value or a PartitionSpec entry: None, one axis name, or a sequence of them."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
                     rules: dict[str, Any]) -> P:
   """PartitionSpec for one array: each logical name -> mesh axes, skipping axes already used, size-1 axes, and
@@ -85,8 +90,7 @@ def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], me
   used: set[str] = set()
   out = []
   for name, dim in zip(names, shape):
-    axes = rules.get(name) if name is not None else None
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = mesh_axes(rules.get(name) if name is not None else None)
     axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
     if axes and dim % math.prod(mesh.shape[a] for a in axes):
       msg = f"sharding: dim {name}={dim} not divisible by mesh axes {axes}; replicated"
@@ -155,11 +159,11 @@ def shard(x, names: Sequence[str | None]):
 def batch_axes() -> tuple[Mesh | None, tuple[str, ...]]:
   """The active mesh and the mesh axes (of size > 1) the batch dimension is split over; (None, ()) when there is
   no active mesh or the batch is not split (code that runs per device under shard_map then needs none)."""
-  if not _ACTIVE:
+  ctx = active_mesh()
+  if ctx is None:
     return None, ()
-  mesh, rules = _ACTIVE[-1]
-  spec = logical_to_spec(("batch",), (math.prod(mesh.devices.shape),), mesh, rules)[0]
-  axes = tuple(a for a in ((spec,) if isinstance(spec, str) else (spec or ())) if mesh.shape[a] > 1)
+  mesh, rules = ctx
+  axes = tuple(a for a in mesh_axes(rules.get("batch")) if mesh.shape[a] > 1)
   return (mesh, axes) if axes else (None, ())
 
 
@@ -172,6 +176,4 @@ def batch_sharding(mesh: Mesh, rules: dict[str, Any], shape: Sequence[int]) -> N
 def data_parallel_size(cfg) -> int:
   """Devices the batch dimension is split over (for the divisibility check in validate)."""
   sizes = dict(zip(MESH_AXES, mesh_shape(dict(cfg.mesh.shape), jax.device_count())))
-  axes = rules_of(cfg).get("batch") or ()
-  axes = (axes,) if isinstance(axes, str) else axes
-  return math.prod(sizes[a] for a in axes)
+  return math.prod(sizes[a] for a in mesh_axes(rules_of(cfg).get("batch")))

@@ -37,10 +37,11 @@ def _chunk_loss(h_bcd, w_vd, y_bc, m_bc):
   return jnp.sum((lse - tgt) * m_bc), lse, logits
 
 
-def _zeros_like_rows(shape, m_kbc):
-  """fp32 zeros derived from the (finite) mask, so under shard_map they vary over the same mesh axes as the
-  rows: a scan carry must keep its type, and the body's sums over the rows vary."""
-  return jnp.zeros(shape, jnp.float32) + 0.0 * m_kbc[0, 0, 0]
+def _zeros(shape, row_axes: tuple[str, ...]):
+  """fp32 zeros for a scan carry that sums over rows: under shard_map they must vary over the rows' mesh axes
+  as the body's sums do (a carry keeps its type)."""
+  z = jnp.zeros(shape, jnp.float32)
+  return jax.lax.pcast(z, row_axes, to="varying") if row_axes else z
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -48,11 +49,10 @@ def _chunked_sum(row_axes, h_kbcd, w_vd, y_kbc, m_kbc):
   """Sum of masked token losses over chunks k (primal: no gradient work). `row_axes`: the shard_map mesh axes the
   rows are split over (() outside shard_map)."""
   body = lambda total, xs: (total + _chunk_loss(xs[0], w_vd, xs[1], xs[2])[0], None)  # noqa: E731
-  return jax.lax.scan(body, _zeros_like_rows((), m_kbc), (h_kbcd, y_kbc, m_kbc))[0]
+  return jax.lax.scan(body, _zeros((), row_axes), (h_kbcd, y_kbc, m_kbc))[0]
 
 
 def _chunked_sum_fwd(row_axes, h_kbcd, w_vd, y_kbc, m_kbc):
-  del row_axes
   def body(carry, xs):
     total, dw_vd = carry
     h_bcd, y_bc, m_bc = xs
@@ -63,7 +63,7 @@ def _chunked_sum_fwd(row_axes, h_kbcd, w_vd, y_kbc, m_kbc):
     dw_vd = dw_vd + jnp.einsum("bcv,bcd->vd", dlogits, h_bcd, preferred_element_type=jnp.float32)
     return (total + loss, dw_vd), dh_bcd
 
-  init = (_zeros_like_rows((), m_kbc), _zeros_like_rows(w_vd.shape, m_kbc))
+  init = (_zeros((), row_axes), _zeros(w_vd.shape, row_axes))
   (total, dw_vd), dh_kbcd = jax.lax.scan(body, init, (h_kbcd, y_kbc, m_kbc))
   return total, (dh_kbcd, dw_vd.astype(w_vd.dtype))
 

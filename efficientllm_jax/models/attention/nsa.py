@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from efficientllm_jax import config as config_lib
 from efficientllm_jax.models.attention import ops
 from efficientllm_jax.models.layers import dense, dtype, normal_init, zeros_init
 from efficientllm_jax.models.positional import PositionContext, rotate
@@ -275,9 +276,7 @@ def resolve_impl(cfg) -> str:
   impl = str(cfg.attention.nsa.impl)
   if impl != "auto":
     return impl
-  pow2 = lambda v: v > 0 and not v & (v - 1)  # noqa: E731
-  fits = (cfg.position.kind not in ("relative", "alibi") and pow2(int(cfg.attention.nsa.select_block))
-          and pow2(int(cfg.model.head_dim)))
+  fits = config_lib.nsa_kernels_misfit(cfg) is None
   return "pallas" if fits and jax.default_backend() == "gpu" else "reference"
 
 class NSAAttention(nnx.Module):
