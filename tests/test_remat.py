@@ -33,6 +33,7 @@ def test_dots_kernels_keeps_kernel_residuals_that_dots_recomputes():
   assert " cos " in body  # dots: the kernel's forward (its residual) runs again in the backward
   body, outer = _remat_body_and_outer(remat.POLICIES["dots_kernels"], x, w)
   assert " cos " not in body and " cos " in outer  # dots_kernels: computed once, in the forward, and saved
+  assert " sin " not in body  # nor is its output recomputed for the next matmul's weight gradient
   grads = [jax.grad(lambda x, w: jax.checkpoint(_block, policy=p)(x, w).sum(), argnums=(0, 1))(x, w)
            for p in (remat.POLICIES["dots"], remat.POLICIES["dots_kernels"])]
   plain = jax.grad(lambda x, w: jnp.tanh((jnp.sin(x @ w) * 2.0) @ w).sum(), argnums=(0, 1))(x, w)

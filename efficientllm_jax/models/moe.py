@@ -35,6 +35,7 @@ full coefficient.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -97,6 +98,7 @@ def router_entropy(logits_ne):
 # ----- dropless dispatch: sort assignments by expert, grouped matmul, unsort -----
 
 class SortedPlan(NamedTuple):
+  order_m: jax.Array  # sorted row i holds assignment order_m[i] = token * k + choice
   inverse_m: jax.Array  # position of assignment m = (token, choice) in the expert-sorted rows
   group_sizes_e: jax.Array  # int32 rows per expert, in expert order
 
@@ -106,21 +108,61 @@ def inverse_permutation(order):
   return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype), unique_indices=True)
 
 
+# The two row permutations of the dropless path, each with a gather as its backward. Autodiff of a gather is a
+# scatter-add, which XLA cannot know to be a permutation (duplicate indices are possible in general): on GPU it
+# runs as an atomic scatter. Both permutations' inverses are known, so the backward gathers instead.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def expand_sorted(x_nd, order_m, inverse_m, k: int):
+  """x_nd[order_m // k]: each token's row once per choice, in expert-sorted order ([N*k, D])."""
+  return jnp.take(x_nd, order_m // k, axis=0)
+
+
+def _expand_fwd(x_nd, order_m, inverse_m, k):
+  return expand_sorted(x_nd, order_m, inverse_m, k), inverse_m
+
+
+def _expand_bwd(k, inverse_m, g_md):
+  # Token n's gradient: the sum of its k sorted rows' gradients, which sit at inverse_m[n * k + j].
+  g_nkd = jnp.take(g_md, inverse_m, axis=0).reshape(-1, k, g_md.shape[-1])
+  return jnp.sum(g_nkd.astype(F32), axis=1).astype(g_md.dtype), None, None
+
+
+expand_sorted.defvjp(_expand_fwd, _expand_bwd)
+
+
+@jax.custom_vjp
+def unsort_rows(y_md, order_m, inverse_m):
+  """y_md[inverse_m]: sorted rows back in assignment order (token * k + choice)."""
+  return jnp.take(y_md, inverse_m, axis=0)
+
+
+def _unsort_fwd(y_md, order_m, inverse_m):
+  return unsort_rows(y_md, order_m, inverse_m), order_m
+
+
+def _unsort_bwd(order_m, g_md):
+  return jnp.take(g_md, order_m, axis=0), None, None
+
+
+unsort_rows.defvjp(_unsort_fwd, _unsort_bwd)
+
+
 def dispatch_sorted(x_nd, experts_nk, num_experts: int):
   """Rows [N*k, D] sorted by expert (stable: token order inside a group) and the plan to undo it."""
   n, k = experts_nk.shape
   flat_m = experts_nk.reshape(-1)
-  order_m = jnp.argsort(flat_m, stable=True)
-  x_md = jnp.take(x_nd, order_m // k, axis=0)
+  order_m = jnp.argsort(flat_m, stable=True).astype(jnp.int32)
   inverse_m = inverse_permutation(order_m)
+  x_md = expand_sorted(x_nd, order_m, inverse_m, k)
   group_sizes_e = jnp.bincount(flat_m, length=num_experts).astype(jnp.int32)
-  return x_md, SortedPlan(inverse_m, group_sizes_e)
+  return x_md, SortedPlan(order_m, inverse_m, group_sizes_e)
 
 
 def combine_sorted(y_md, weights_nk, plan: SortedPlan):
   """Unsorts expert outputs and returns sum_k w_nk * y_nkd in the rows' dtype (sum in fp32)."""
   n, k = weights_nk.shape
-  y_nkd = jnp.take(y_md, plan.inverse_m, axis=0).reshape(n, k, -1)
+  y_nkd = unsort_rows(y_md, plan.order_m, plan.inverse_m).reshape(n, k, -1)
   return jnp.einsum("nkd,nk->nd", y_nkd.astype(F32), weights_nk).astype(y_md.dtype)
 
 

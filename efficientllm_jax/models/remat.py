@@ -4,9 +4,11 @@
 attention kernels (cuDNN, our Pallas flash kernel) and the grouped matmuls of the MoE (ragged_dot, our Pallas
 gmm) are not dot_generals, so under `dots` the backward runs their forward again: on an H200 the cuDNN forward
 took 58.7 ms of a 0.5B step under `dots` against 27.9 ms without remat (benchmarks/RESULTS.md). `dots_kernels`
-also keeps what their backward passes need: the residuals of the attention kernel (tagged by `keep_residuals`,
-since they live inside the kernel's own custom VJP where no policy sees them) and the grouped matmuls' outputs
-(tagged with `checkpoint_name`).
+also keeps what their backward passes need: the output and residuals of the attention kernel (tagged by
+`keep_residuals`, since the residuals live inside the kernel's own custom VJP where no policy sees them) and the
+grouped matmuls' outputs (tagged with `checkpoint_name`). The output matters as much as the residuals: the output
+projection's weight gradient needs it, and without its name (the first version, measured on an H200) the cuDNN
+forward still ran twice.
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ def keep_residuals(fn, name: str = ATTENTION_RESIDUALS):
 
   def fwd(*args):
     out, vjp_fn = jax.vjp(fn, *args)
-    return out, jax.tree.map(lambda r: checkpoint_name(r, name), vjp_fn)
+    # The output is named too: the layer after the kernel (the output projection) needs it for its own weight
+    # gradient, so without the name the backward would run the kernel again just to get it back.
+    return jax.tree.map(lambda o: checkpoint_name(o, name), out), jax.tree.map(
+        lambda r: checkpoint_name(r, name), vjp_fn)
 
   def bwd(vjp_fn, g):
     return vjp_fn(g)

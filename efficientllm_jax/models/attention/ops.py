@@ -9,7 +9,7 @@ Variants (gqa.py, mla.py, ...) build q/k/v; `attention()` picks the kernel by `i
   pallas the flash kernel of efficientllm_jax/kernels/flash (Triton lowering on GPU, Mosaic on TPU, interpret mode
          on CPU): GQA-native, windowed, unequal qk / v head dims without padding, relative / ALiBi biases in-kernel
          (bias objects hand it `kernel_terms()`); block sizes from attention.pallas.*.
-  auto   GPU: pallas for a bias measured faster there (ALiBi: `pallas_on_gpu`), else cudnn where
+  auto   GPU: pallas for a bias measured faster there (ALiBi, T5: `pallas_on_gpu`), else cudnn where
          `cudnn_supports` says it applies, else xla (the reason is logged once); TPU: pallas where
          `pallas_supports` says it applies, else xla; CPU: xla.
 Layouts: q [B, T, H, Dqk], k [B, S, K, Dqk], v [B, S, K, Dv] with H % K == 0 (query head h uses K/V head
