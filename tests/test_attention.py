@@ -290,9 +290,9 @@ def test_tiny_trains_with_falling_loss(kind, tmp_path):
   assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, losses
 
 
-def test_auto_on_gpu_sends_alibi_to_the_flash_kernel_and_t5_to_xla(monkeypatch):
+def test_auto_on_gpu_sends_biases_to_the_flash_kernel(monkeypatch):
   """The dispatch alone (no GPU needed): with the backend reported as GPU, auto picks the flash kernel for ALiBi
-  (measured faster there) and the xla path for T5 (cuDNN takes no bias; its kernel form is not measured fast)."""
+  and T5 (both measured faster there than xla; cuDNN takes no bias); an explicit impl stands."""
   from efficientllm_jax.models import positional
   from efficientllm_jax.models.attention import ops as ops_lib
   taken = []
@@ -306,4 +306,4 @@ def test_auto_on_gpu_sends_alibi_to_the_flash_kernel_and_t5_to_xla(monkeypatch):
   ops_lib.attention(q, kv, kv, impl="auto", bias=alibi)
   ops_lib.attention(q, kv, kv, impl="auto", bias=t5)
   ops_lib.attention(q, kv, kv, impl="xla", bias=alibi)
-  assert taken == ["pallas", "xla", "xla"]
+  assert taken == ["pallas", "pallas", "xla"]
