@@ -42,7 +42,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   m.dtype = "float32" if tiny else "bfloat16"  # compute dtype (CPUs emulate bf16 slowly)
   # Block rematerialisation: none | full | dots (keep matmul outputs, recompute the rest). dots measured fastest
   # at 0.5B and 1.5B / 8K on an H200 (benchmarks/RESULTS.md): full recomputes the block, none moves more memory.
-  m.remat = "none" if tiny else "dots"
+  m.remat = "none" if tiny else "dots_attention"
   m.scan_layers = True
 
   c.attention = a = ml_collections.ConfigDict()

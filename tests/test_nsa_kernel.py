@@ -4,6 +4,8 @@ A GPU test (skipped on CPU) compares the compiled kernels with the references at
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,7 +81,8 @@ def test_compressed_attention_and_selection_scores_match_reference():
     _assert_close(g, g_r, 5e-5)
 
 
-def test_selected_attention_matches_reference_values_and_gradients():
+@pytest.mark.parametrize("slc_q", [16, 4])  # 4 tokens x Gp 2 = 8 rows: raised to 8 tokens (16 rows)
+def test_selected_attention_matches_reference_values_and_gradients(slc_q):
   q, _, _, ks, vs = _inputs()
   idx = random_selection(5, 1, 2, q.shape[1], N_SEL, SELECT)
   cot = normal(9, q.shape)
@@ -91,7 +94,7 @@ def test_selected_attention_matches_reference_values_and_gradients():
     (_, o), grads = run_fast(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), q, ks, vs)
     return o, grads
 
-  o, grads = run(kernel, blocks=BLOCKS)
+  o, grads = run(kernel, blocks=dataclasses.replace(BLOCKS, slc_q=slc_q))
   o_r, grads_r = run(reference)
   _assert_close(o, o_r, 2e-5)
   for g, g_r in zip(grads, grads_r):

@@ -46,7 +46,10 @@ class Blocks:
   """Tile sizes (powers of two) and Triton knobs; interpret None = interpret unless the backend is a GPU."""
   cmp_q: int = 16  # query tokens per compressed-branch tile (rows = cmp_q * Gp)
   cmp_k: int = 64  # compressed tokens per key tile; cmp_k * stride must be a multiple of select_block
-  slc_q: int = 16  # query tokens per selected-branch tile (key tile = one selection block)
+  # Query tokens per selected-branch tile (key tile = one selection block; raised to 16 // Gp when smaller). A
+  # tile visits the union of its tokens' blocks, so fewer tokens waste less: at 64K on an H200 (12/2 heads,
+  # n=4) NSA fwd+bwd took 37.6 ms with 8, 42.0 with 4, 45.0 with 16, 47.7 with 2 (benchmarks/RESULTS.md).
+  slc_q: int = 8
   cmp_split: int = 8  # dk/dv programs per compressed key tile (each sums a slice of its query tiles)
   slc_split: int = 4  # dk/dv programs per selection block (block 0 is used by every query tile)
   num_warps: int = 4
@@ -471,7 +474,8 @@ def selected_attention(q_bthd, ks_bskd, vs_bskd, idx_bktn, *, select_block: int,
   b, t, h, d = q_bthd.shape
   kv = ks_bskd.shape[2]
   scale = d ** -0.5 if scale is None else scale
-  tq = blocks.slc_q
+  gp = next_pow2(h // kv)
+  tq = max(blocks.slc_q, -(-16 // gp))  # a tile holds >= 16 rows (the tensor cores' smallest M)
   g, gp, t_pad = _geometry_rows(t, h, kv, tq)
   ns = -(-t // select_block)
   n = idx_bktn.shape[-1]
