@@ -55,7 +55,8 @@ def _assert_close(a, b, atol):
   np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=atol, rtol=atol)
 
 
-def test_compressed_attention_and_selection_scores_match_reference():
+@pytest.mark.parametrize("cmp_q", [16, 4])  # 4 tokens x Gp 2 = 8 rows: raised to 8 tokens (16 rows)
+def test_compressed_attention_and_selection_scores_match_reference(cmp_q):
   q, kc, vc, _, _ = _inputs()
   cot = normal(9, q.shape)
 
@@ -68,7 +69,7 @@ def test_compressed_attention_and_selection_scores_match_reference():
                      q, kc, lse)
     return o, lse, score, grads
 
-  o, lse, score, grads = run(kernel, blocks=BLOCKS)
+  o, lse, score, grads = run(kernel, blocks=dataclasses.replace(BLOCKS, cmp_q=cmp_q))
   o_r, lse_r, score_r, grads_r = run(reference)
   _assert_close(o, o_r, 2e-5)
   early = np.isinf(np.asarray(lse_r))  # tokens before the first block ends see nothing: lse +inf, o and score 0

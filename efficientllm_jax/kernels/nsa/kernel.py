@@ -44,13 +44,13 @@ from jax.experimental.pallas import triton as plgpu
 @dataclasses.dataclass(frozen=True)
 class Blocks:
   """Tile sizes (powers of two) and Triton knobs; interpret None = interpret unless the backend is a GPU."""
-  cmp_q: int = 16  # query tokens per compressed-branch tile (rows = cmp_q * Gp)
+  # Query tokens per tile (rows = tokens * Gp, raised to >= 16 rows). Measured at 64K on an H200 (12/2 heads,
+  # benchmarks/RESULTS.md): NSA fwd+bwd 45.0 ms with cmp_q=16, slc_q=16, cmp_split=8; 37.6 with slc_q=8 (a
+  # selected-branch tile visits the union of its tokens' blocks); 28.5 with cmp_q=8, cmp_split=16 as well.
+  cmp_q: int = 8  # compressed branch
   cmp_k: int = 64  # compressed tokens per key tile; cmp_k * stride must be a multiple of select_block
-  # Query tokens per selected-branch tile (key tile = one selection block; raised to 16 // Gp when smaller). A
-  # tile visits the union of its tokens' blocks, so fewer tokens waste less: at 64K on an H200 (12/2 heads,
-  # n=4) NSA fwd+bwd took 37.6 ms with 8, 42.0 with 4, 45.0 with 16, 47.7 with 2 (benchmarks/RESULTS.md).
-  slc_q: int = 8
-  cmp_split: int = 8  # dk/dv programs per compressed key tile (each sums a slice of its query tiles)
+  slc_q: int = 8  # selected branch (key tile = one selection block)
+  cmp_split: int = 16  # dk/dv programs per compressed key tile (each sums a slice of its query tiles)
   slc_split: int = 4  # dk/dv programs per selection block (block 0 is used by every query tile)
   num_warps: int = 4
   num_stages: int = 2
@@ -342,9 +342,11 @@ def _freeze(**kw):
 # Public: the compressed branch, its selection scores, and the selected branch.
 
 def _geometry_rows(t: int, h: int, kv: int, tq: int):
+  """(G, Gp, tile tokens raised so a tile holds >= 16 rows (the tensor cores' smallest M), padded T)."""
   g = h // kv
   gp = next_pow2(g)
-  return g, gp, -(-t // tq) * tq
+  tq = max(tq, -(-16 // gp))
+  return g, gp, tq, -(-t // tq) * tq
 
 
 def cmp_lists(t_pad: int, nc: int, *, block: int, stride: int, tq: int, bk: int):
@@ -366,13 +368,13 @@ def compressed_attention(q_bthd, kc_bnkd, vc_bnkd, *, compress_block: int, compr
   b, t, h, d = q_bthd.shape
   nc, kv = kc_bnkd.shape[1], kc_bnkd.shape[2]
   scale = d ** -0.5 if scale is None else scale
-  g, gp, t_pad = _geometry_rows(t, h, kv, blocks.cmp_q)
+  g, gp, tq, t_pad = _geometry_rows(t, h, kv, blocks.cmp_q)
   bk = blocks.cmp_k
   n_k = max(1, -(-nc // bk))
   kv_pad = lambda x: jnp.pad(x, ((0, 0), (0, n_k * bk - nc), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
   mask = Mask("cmp", compress_block, compress_stride, nc)
-  lists = cmp_lists(t_pad, max(nc, 1), block=compress_block, stride=compress_stride, tq=blocks.cmp_q, bk=bk)
-  static = _freeze(mask=mask, scale=float(scale), tq=blocks.cmp_q, gp=gp, bk=bk, blocks=blocks)
+  lists = cmp_lists(t_pad, max(nc, 1), block=compress_block, stride=compress_stride, tq=tq, bk=bk)
+  static = _freeze(mask=mask, scale=float(scale), tq=tq, gp=gp, bk=bk, blocks=blocks)
   o_rows, lse = sparse_attention_rows(to_rows(q_bthd, kv, t_pad, gp), kv_pad(kc_bnkd), kv_pad(vc_bnkd), None,
                                       lists, static)
   return from_rows(o_rows, t, h, gp), jax.lax.stop_gradient(rows_to_bkgt(lse, t, g, gp))
@@ -422,8 +424,8 @@ def selection_scores(q_bthd, kc_bnkd, lse_bkgt, *, compress_block: int, compress
   b, t, h, d = q_bthd.shape
   nc, kv = kc_bnkd.shape[1], kc_bnkd.shape[2]
   scale = d ** -0.5 if scale is None else scale
-  g, gp, t_pad = _geometry_rows(t, h, kv, blocks.cmp_q)
-  tq, bk = blocks.cmp_q, blocks.cmp_k
+  g, gp, tq, t_pad = _geometry_rows(t, h, kv, blocks.cmp_q)
+  bk = blocks.cmp_k
   if (bk * compress_stride) % select_block or compress_block // compress_stride > bk + 1:
     raise ValueError(f"cmp_k={bk} times stride {compress_stride} must be a multiple of select_block {select_block}")
   wa, wb = (jnp.asarray(w) for w in remap_matrices(compress_block=compress_block, compress_stride=compress_stride,
@@ -474,9 +476,7 @@ def selected_attention(q_bthd, ks_bskd, vs_bskd, idx_bktn, *, select_block: int,
   b, t, h, d = q_bthd.shape
   kv = ks_bskd.shape[2]
   scale = d ** -0.5 if scale is None else scale
-  gp = next_pow2(h // kv)
-  tq = max(blocks.slc_q, -(-16 // gp))  # a tile holds >= 16 rows (the tensor cores' smallest M)
-  g, gp, t_pad = _geometry_rows(t, h, kv, tq)
+  g, gp, tq, t_pad = _geometry_rows(t, h, kv, blocks.slc_q)
   ns = -(-t // select_block)
   n = idx_bktn.shape[-1]
   kv_pad = lambda x: jnp.pad(x, ((0, 0), (0, ns * select_block - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
