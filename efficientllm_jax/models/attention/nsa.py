@@ -182,9 +182,9 @@ def top_n(x, n: int):
   with the masking of the previous picks, where top_k sorted every row (at 64K tokens on an H200 the selection's
   scores + top-k took 8.7 ms of NSA's 28.5 ms forward+backward)."""
   iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-  taken = jnp.zeros(x.shape, bool)
-  values, ids = [], []
-  for _ in range(n):
+  values, ids = [jnp.max(x, axis=-1)], [jnp.argmax(x, axis=-1).astype(jnp.int32)]
+  taken = iota == ids[0][..., None]  # from the data: an all-False constant here made XLA constant-fold a reduce
+  for _ in range(n - 1):
     masked = jnp.where(taken, -jnp.inf, x)
     v = jnp.max(masked, axis=-1)
     # Once only -inf is left, top_k takes the lowest index not yet taken.
