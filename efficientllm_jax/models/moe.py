@@ -218,6 +218,17 @@ def resolve_impl(impl: str, local: bool = False) -> str:
   return "pallas" if jax.default_backend() == "gpu" and one_device else "ragged_dot"
 
 
+# Grouped-matmul tiles per projection (kernels/gmm), from a sweep at the MoE 0.5Bx8 shapes on an H200
+# (benchmarks/RESULTS.md): the wide gate+up product (N = 2F) prefers 256-column tiles for its forward and weight
+# gradient; the narrow down product (N = D) 256-row forward tiles and 256-column input-gradient tiles (its dx has
+# N = F). Per pass, 0.5Bx8: gate+up fwd 2.29 / wgrad 2.36 ms (default tiles: dgrad 2.35, wgrad 2.60); down fwd
+# 1.20 (1.46) / dgrad 1.31 (1.49) ms.
+GATE_UP_TILES = gmm_lib.GmmConfig(fwd=gmm_lib.Tiling(128, 256, 64, 8, 3), dlhs=gmm_lib.Tiling(128, 128, 64, 8, 3),
+                                  drhs=gmm_lib.Tiling(64, 256, 128, 8, 3))
+DOWN_TILES = gmm_lib.GmmConfig(fwd=gmm_lib.Tiling(256, 128, 64, 8, 3), dlhs=gmm_lib.Tiling(128, 256, 64, 8, 3),
+                               drhs=gmm_lib.Tiling(64, 128, 128, 8, 3))
+
+
 def grouped_swiglu(x_md, gate_edf, up_edf, down_efd, group_sizes_e, impl: str):
   """Rows sorted by expert (group_sizes_e rows each; rows past their sum give zeros) -> SwiGLU outputs [M, D].
   Weights already in the compute dtype; one grouped matmul per projection."""
@@ -225,8 +236,9 @@ def grouped_swiglu(x_md, gate_edf, up_edf, down_efd, group_sizes_e, impl: str):
   if impl == "pallas":
     # gate and up as one [E, D, 2F] grouped matmul: x is read once and the kernel gets twice the columns.
     f = gate_edf.shape[-1]
-    h_mf2 = named(gmm_lib.gmm(x_md, jnp.concatenate([gate_edf, up_edf], axis=-1), group_sizes_e))
-    return named(gmm_lib.gmm(jax.nn.silu(h_mf2[:, :f]) * h_mf2[:, f:], down_efd, group_sizes_e))
+    h_mf2 = named(gmm_lib.gmm(x_md, jnp.concatenate([gate_edf, up_edf], axis=-1), group_sizes_e,
+                              config=GATE_UP_TILES))
+    return named(gmm_lib.gmm(jax.nn.silu(h_mf2[:, :f]) * h_mf2[:, f:], down_efd, group_sizes_e, config=DOWN_TILES))
   rd = lambda a, w: named(jax.lax.ragged_dot(a, w, group_sizes_e))  # noqa: E731
   return rd(jax.nn.silu(rd(x_md, gate_edf)) * rd(x_md, up_edf), down_efd)
 
