@@ -172,27 +172,8 @@ def select_blocks(score_bkcs, q_pos_c, *, select_block: int, num_selected: int, 
                                        & (blk_s[None, :] > cur_c[:, None] - local_blocks))
   score_bkcs = jnp.where(forced_cs, jnp.inf, score_bkcs)
   score_bkcs = jnp.where(future_cs, -jnp.inf, score_bkcs)
-  top_v, idx_bkcn = top_n(score_bkcs, min(num_selected, ns))
+  top_v, idx_bkcn = jax.lax.top_k(score_bkcs, min(num_selected, ns))
   return jnp.where(top_v > -jnp.inf, idx_bkcn, -1)
-
-
-def top_n(x, n: int):
-  """jax.lax.top_k(x, n) over the last axis for a small n, as n argmax passes (ties: lower index first, as
-  top_k). NSA picks n = 4 of thousands of blocks per query: each pass is one streaming reduction that XLA fuses
-  with the masking of the previous picks, where top_k sorted every row (at 64K tokens on an H200 the selection's
-  scores + top-k took 8.7 ms of NSA's 28.5 ms forward+backward)."""
-  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-  values, ids = [jnp.max(x, axis=-1)], [jnp.argmax(x, axis=-1).astype(jnp.int32)]
-  taken = iota == ids[0][..., None]  # from the data: an all-False constant here made XLA constant-fold a reduce
-  for _ in range(n - 1):
-    masked = jnp.where(taken, -jnp.inf, x)
-    v = jnp.max(masked, axis=-1)
-    # Once only -inf is left, top_k takes the lowest index not yet taken.
-    i = jnp.where(v > -jnp.inf, jnp.argmax(masked, axis=-1), jnp.argmax(~taken, axis=-1)).astype(jnp.int32)
-    values.append(v)
-    ids.append(i)
-    taken = taken | (iota == i[..., None])
-  return jnp.stack(values, axis=-1), jnp.stack(ids, axis=-1)
 
 
 def sparse_branches_pallas(q_bthd, kc_bnkd, vc_bnkd, ks_bskd, vs_bskd, *, compress_block: int,
