@@ -101,6 +101,19 @@ def test_dropless_permutations_backward_by_gather_equals_autodiff_of_take():
   assert count(jax.grad(plain)) == count(plain) + 2
 
 
+def test_swiglu_halves_gradient_is_one_concatenation_equal_to_autodiff():
+  rng = np.random.default_rng(4)
+  h = jnp.asarray(rng.normal(size=(19, 2 * 6)) * 3, jnp.float32)
+  g = jnp.asarray(rng.normal(size=(19, 6)), jnp.float32)
+  plain = lambda h: jnp.sum(jax.nn.silu(h[:, :6]) * h[:, 6:] * g)  # noqa: E731
+  ours = lambda h: jnp.sum(moe_lib.swiglu_halves(h) * g)  # noqa: E731
+  np.testing.assert_allclose(ours(h), plain(h), rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(ours)(h), jax.grad(plain)(h), rtol=1e-5, atol=1e-6)
+  text = str(jax.make_jaxpr(jax.grad(ours))(h))
+  assert "concatenate" in text and " pad" not in text  # autodiff of the slices pads each half and adds them
+  assert " pad" in str(jax.make_jaxpr(jax.grad(plain))(h))
+
+
 def test_capacity_mode_with_ample_capacity_equals_dropless():
   x = random_x((2, 16, 16))
   dropless = moe_lib.MoE(small_cfg(capacity_factor=0.0), rngs=nnx.Rngs(0))

@@ -229,16 +229,40 @@ DOWN_TILES = gmm_lib.GmmConfig(fwd=gmm_lib.Tiling(256, 128, 64, 8, 3), dlhs=gmm_
                                drhs=gmm_lib.Tiling(64, 128, 128, 8, 3))
 
 
+@jax.custom_vjp
+def swiglu_halves(h_mf2):
+  """silu(h[:, :F]) * h[:, F:] for the fused gate+up output [M, 2F]. Its backward writes the [M, 2F] gradient
+  once, as a concatenation; autodiff of the two slices adds two zero-padded [M, 2F] arrays instead (an H200
+  profile of MoE 0.5Bx8 showed that add at 44.6 ms a step, twice the dense model's SwiGLU backward)."""
+  f = h_mf2.shape[-1] // 2
+  return jax.nn.silu(h_mf2[:, :f]) * h_mf2[:, f:]
+
+
+def _swiglu_halves_fwd(h_mf2):
+  return swiglu_halves(h_mf2), h_mf2
+
+
+def _swiglu_halves_bwd(h_mf2, g_mf):
+  f = h_mf2.shape[-1] // 2
+  gate, up, g = h_mf2[:, :f].astype(F32), h_mf2[:, f:].astype(F32), g_mf.astype(F32)
+  sig = jax.nn.sigmoid(gate)
+  d_gate = g * up * sig * (1.0 + gate * (1.0 - sig))  # d silu(x) / dx = sig(x) (1 + x (1 - sig(x)))
+  d_up = g * gate * sig
+  return (jnp.concatenate([d_gate, d_up], axis=-1).astype(h_mf2.dtype),)
+
+
+swiglu_halves.defvjp(_swiglu_halves_fwd, _swiglu_halves_bwd)
+
+
 def grouped_swiglu(x_md, gate_edf, up_edf, down_efd, group_sizes_e, impl: str):
   """Rows sorted by expert (group_sizes_e rows each; rows past their sum give zeros) -> SwiGLU outputs [M, D].
   Weights already in the compute dtype; one grouped matmul per projection."""
   named = lambda y: checkpoint_name(y, remat.GROUPED_MATMUL)  # noqa: E731 - kept by model.remat=dots_kernels
   if impl == "pallas":
     # gate and up as one [E, D, 2F] grouped matmul: x is read once and the kernel gets twice the columns.
-    f = gate_edf.shape[-1]
     h_mf2 = named(gmm_lib.gmm(x_md, jnp.concatenate([gate_edf, up_edf], axis=-1), group_sizes_e,
                               config=GATE_UP_TILES))
-    return named(gmm_lib.gmm(jax.nn.silu(h_mf2[:, :f]) * h_mf2[:, f:], down_efd, group_sizes_e, config=DOWN_TILES))
+    return named(gmm_lib.gmm(swiglu_halves(h_mf2), down_efd, group_sizes_e, config=DOWN_TILES))
   rd = lambda a, w: named(jax.lax.ragged_dot(a, w, group_sizes_e))  # noqa: E731
   return rd(jax.nn.silu(rd(x_md, gate_edf)) * rd(x_md, up_edf), down_efd)
 
