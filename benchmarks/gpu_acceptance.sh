@@ -11,8 +11,8 @@
 #                 GPU0 flash attention vs cuDNN, grouped matmul vs ragged_dot and dense, MoE step vs a dense model
 #                 of equal active parameters; GPU1 NSA kernels vs full cuDNN, our 0.5B step vs the transformers
 #                 peer). Writes $OUT/k_gpu*.txt.
-#         perf (1 GPU: ours vs the peer at 0.5B / 1.5B with remat dots and dots_kernels, MoE 0.5Bx8 vs dense with
-#               both, each with the device-time profile),
+#         perf (1 GPU: ours vs the peer at 0.5B / 1.5B with remat dots_attention (default) and dots, MoE 0.5Bx8 vs dense:
+#               default remat and dots_kernels, each with the device-time profile),
 #         t5 (1 GPU: the flash kernel's T5 bias: GPU test, kernel vs xla, 1.5B training through pallas vs xla),
 #         grid (1 GPU: flash attention vs cuDNN at 2K and 8K, all head dims and layouts),
 #         ep4 (4 GPUs: expert-parallel GPU test, MoE 1.5Bx8 over expert=4 through the sbatch script).
@@ -76,9 +76,9 @@ case $stage in
     wait; tail -n 30 $out/k_gpu*.txt ;;
   perf) T=benchmarks/throughput.py
     python $T --config=configs/base.py:0.5B --steps=8 --timeout_s=110 --profile=2 --json=$out/perf05.json \
-      --override="" --override="model.remat=dots_kernels" 2>&1 | grep -v "^{"
+      --override="" --override="model.remat=dots" 2>&1 | grep -v "^{"
     python $T --config=configs/base.py:1.5B --steps=6 --timeout_s=130 --profile=2 --json=$out/perf15.json \
-      --override="" --override="model.remat=dots_kernels" 2>&1 | grep -v "^{"
+      --override="" --override="model.remat=dots" 2>&1 | grep -v "^{"
     python $T --config=configs/base.py:0.5B --set=model.ffn_dim=9728 --peer=0 --steps=6 --timeout_s=110 --profile=2 \
       --json=$out/perf_moe.json --override="" --override="config=configs/moe/moe.py:0.5Bx8" \
       --override="config=configs/moe/moe.py:0.5Bx8;model.remat=dots_kernels" 2>&1 | grep -v "^{" ;;

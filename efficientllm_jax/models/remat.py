@@ -10,9 +10,9 @@ grouped matmuls' outputs (tagged with `checkpoint_name`). The output matters as 
 projection's weight gradient needs it, and without its name (the first version, measured on an H200) the cuDNN
 forward still ran twice.
 `dots_attention` keeps the attention kernel's but not the grouped matmuls' (the default: an MoE layer's saved
-gate/up output is 2 * top_k * expert_dim values per token, +35 GB at MoE 0.5Bx8 with micro-batch 4 x 8K, past an
-80 GB card). Measured on an H200 (benchmarks/RESULTS.md): dots_attention / dots_kernels make the dense 0.5B step
-7 % and the 1.5B step 5 % faster than `dots`, and dots_kernels the MoE 0.5Bx8 step 12 %.
+gate/up output is 2 * top_k * expert_dim values per token, +31 GB at MoE 0.5Bx8 with micro-batch 4 x 8K, past an
+80 GB card). Measured on an H200 (benchmarks/RESULTS.md): dots_attention makes the dense 0.5B step 7 % and the
+1.5B step 5 % faster than `dots`; dots_kernels makes the MoE 0.5Bx8 step 9 % faster than dots_attention.
 """
 
 from __future__ import annotations
