@@ -40,8 +40,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   m.init_std = 0.02
   m.param_dtype = "float32"
   m.dtype = "float32" if tiny else "bfloat16"  # compute dtype (CPUs emulate bf16 slowly)
-  # Block rematerialisation: none | full | dots (keep matmul outputs, recompute the rest). dots measured fastest
-  # at 0.5B and 1.5B / 8K on an H200 (benchmarks/RESULTS.md): full recomputes the block, none moves more memory.
+  # Block rematerialisation (models/remat.py): none | full | dots (keep matmul outputs) | dots_attention (dots +
+  # the attention kernel's output and residuals: measured fastest at 0.5B / 1.5B / 8K on an H200,
+  # benchmarks/RESULTS.md) | dots_kernels (dots_attention + MoE grouped-matmul outputs: faster MoE, +31 GB there).
   m.remat = "none" if tiny else "dots_attention"
   m.scan_layers = True
 

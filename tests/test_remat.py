@@ -59,3 +59,9 @@ def test_pallas_attention_is_wrapped_and_exact_under_dots_kernels():
   np.testing.assert_allclose(got[0], ref[0], rtol=1e-4)
   for a, b in zip(got[1], ref[1]):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_config_accepts_exactly_the_policies_remat_defines():
+  """config.REMAT_POLICIES (checked before JAX starts) lists `none` plus every policy of models/remat.py."""
+  from efficientllm_jax import config as config_lib
+  assert config_lib.REMAT_POLICIES == ("none", *remat.POLICIES)

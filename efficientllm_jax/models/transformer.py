@@ -22,7 +22,6 @@ from efficientllm_jax.parallel.sharding import shard
 ACT_BTD = ("batch", "length", "act_embed")
 
 
-
 def make_ffn(cfg, *, rngs: nnx.Rngs) -> nnx.Module:
   if cfg.ffn.kind == "dense":
     return SwiGLU(cfg, rngs=rngs)

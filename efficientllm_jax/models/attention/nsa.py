@@ -267,7 +267,6 @@ class CompressMLP(nnx.Module):
     return jnp.einsum("bnkf,kfd->bnkd", jax.nn.gelu(h), c(self.w2)) + c(self.b2)
 
 
-
 def resolve_impl(cfg) -> str:
   """attention.nsa.impl: auto = the Pallas kernels on a GPU when the geometry suits them (no logit bias, powers of
   two for the selected block and head dim; validate() rejects an explicit pallas otherwise), else the reference.
@@ -278,6 +277,7 @@ def resolve_impl(cfg) -> str:
     return impl
   fits = config_lib.nsa_kernels_misfit(cfg) is None
   return "pallas" if fits and jax.default_backend() == "gpu" else "reference"
+
 
 class NSAAttention(nnx.Module):
   """Native sparse attention with the GQA layout of `model` and the geometry of `attention.nsa`."""
