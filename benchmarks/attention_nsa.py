@@ -10,9 +10,10 @@ queries and branches (nsa.attended_tokens); forward+backward = 3x forward (recom
 
   python -m benchmarks.attention_nsa                                   # 8K, 32K, 64K; pallas, reference, cuDNN
   python -m benchmarks.attention_nsa --seqs 65536 --impls pallas \\
-      --blocks "" "cmp_q=32,slc_q=8" "cmp_split=16,slc_split=8" "num_warps=8,num_stages=3"   # Blocks sweep
-  (Blocks fields: cmp_q, cmp_k, slc_q, cmp_split, slc_split, num_warps, num_stages; "" = defaults)
-  python -m benchmarks.attention_nsa --breakdown                       # per-kernel ms of the Pallas path
+      --blocks "" "cmp_q=16,slc_q=4" "cmp_chunk=64,slc_chunk=16" "num_warps=8,num_stages=3"   # Blocks sweep
+  (Blocks fields: cmp_q, cmp_k, slc_q, cmp_chunk, slc_chunk, dkdv_items, num_warps, num_stages; "" = defaults)
+  python -m benchmarks.attention_nsa --breakdown                       # per-piece ms of the Pallas path
+  python -m benchmarks.attention_nsa --seqs 65536 --impls pallas --profile 3   # kernel-level trace breakdown
   python -m benchmarks.attention_nsa --seqs 256 --heads 4 --head-dim 32 --iters 2 --cpu   # CPU smoke run
 """
 
@@ -39,7 +40,7 @@ def parse_blocks(text: str) -> nsa_kernels.Blocks:
   return nsa_kernels.Blocks(**{k: int(v) for k, v in kw.items()})
 
 
-def nsa_core(impl: str, geom: dict, window: int, blocks, cudnn: bool):
+def nsa_core(impl: str, geom: dict, window: int, blocks, window_impl: str):
   """(q, kc, vc, ks, vs, kw, vw, gates) -> [B, T, H, D]: the three branches mixed by the gates."""
   def core(q, kc, vc, ks, vs, kw, vw, gates):
     if impl == "pallas":
@@ -47,7 +48,7 @@ def nsa_core(impl: str, geom: dict, window: int, blocks, cudnn: bool):
     else:
       ends = jnp.arange(kc.shape[1]) * geom["compress_stride"] + geom["compress_block"] - 1
       o_cmp, o_slc, _ = nsa.sparse_branches(q, kc, vc, ends, ks, vs, **geom)
-    o_win = ops.attention(q, kw, vw, impl="cudnn" if cudnn else "xla", window=window)
+    o_win = ops.attention(q, kw, vw, impl=window_impl, window=window)
     g = gates.astype(q.dtype)
     return g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win
   return core
@@ -63,28 +64,51 @@ def fwd_bwd(f, n_args: int):
   return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(n_args))))
 
 
-def breakdown(args, geom, window, blocks, cudnn):
+def breakdown(args, geom, window, blocks, window_impl):
   """fwd+bwd ms of each Pallas piece alone (selection ids fixed from one forward)."""
   q, kc, vc, ks, vs, kw, vw, _ = args
   t = q.shape[1]
   kg = dict(compress_block=geom["compress_block"], compress_stride=geom["compress_stride"], blocks=blocks)
   grad = lambda f, n: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=tuple(range(n))))
   _, lse = nsa_kernels.compressed_attention(q, kc, vc, **kg)
-  score_f = jax.jit(lambda q, kc, lse: nsa.select_blocks(
-      nsa_kernels.selection_scores(q, kc, lse, select_block=geom["select_block"], **kg), jnp.arange(t),
-      select_block=geom["select_block"], num_selected=geom["num_selected"], local_blocks=geom["local_blocks"]))
+  score_f = jax.jit(lambda q, kc, lse: nsa_kernels.select_top(
+      q, kc, lse, select_block=geom["select_block"], num_selected=geom["num_selected"],
+      local_blocks=geom["local_blocks"], **kg))
   idx = score_f(q, kc, lse)
+  score = jax.jit(lambda q, kc, lse: nsa_kernels.selection_scores(q, kc, lse, select_block=geom["select_block"],
+                                                                  **kg))
+  top = jax.jit(lambda s: nsa.select_blocks(s, jnp.arange(t), select_block=geom["select_block"],
+                                            num_selected=geom["num_selected"], local_blocks=geom["local_blocks"]))
+  tq = nsa_kernels.kernel._geometry_rows(t, q.shape[2], ks.shape[2], blocks.slc_q)[2]
+  lists = jax.jit(lambda i: nsa_kernels.kernel.slc_lists(i, -(-t // tq) * tq, -(-t // geom["select_block"]), tq,
+                                                         blocks.slc_chunk, blocks.dkdv_items))
   slc = lambda q, ks, vs: nsa_kernels.selected_attention(q, ks, vs, idx, select_block=geom["select_block"],
                                                          blocks=blocks)
-  win = lambda q, kw, vw: ops.attention(q, kw, vw, impl="cudnn" if cudnn else "xla", window=window)
+  win = lambda q, kw, vw: ops.attention(q, kw, vw, impl=window_impl, window=window)
   return {
       "cmp fwd+bwd": time_call(grad(lambda q, kc, vc: nsa_kernels.compressed_attention(q, kc, vc, **kg)[0], 3),
                                (q, kc, vc), 10),
-      "scores+top-k": time_call(score_f, (q, kc, lse), 10),
+      "select_top (fused)": time_call(score_f, (q, kc, lse), 10),
+      "  unfused: scores": time_call(score, (q, kc, lse), 10),
+      "  unfused: XLA top-k": time_call(top, (score(q, kc, lse),), 10),
+      "slc lists": time_call(lists, (idx,), 10),
       "slc fwd": time_call(jax.jit(slc), (q, ks, vs), 10),
       "slc fwd+bwd": time_call(grad(slc, 3), (q, ks, vs), 10),
       "win fwd+bwd": time_call(grad(win, 3), (q, kw, vw), 10),
   }
+
+
+def profile_fwd_bwd(fn, args, steps: int, top: int = 30) -> str:
+  """Trace `steps` calls of fn (after one compile call) and format the device time per call by kernel."""
+  import tempfile  # noqa: PLC0415
+
+  from efficientllm_jax.bench import profile  # noqa: PLC0415
+  jax.block_until_ready(fn(*args))
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      for _ in range(steps):
+        jax.block_until_ready(fn(*args))
+    return profile.format_summary(profile.summarize(profile.find_trace(d), steps, top=top))
 
 
 def main():
@@ -100,7 +124,10 @@ def main():
   p.add_argument("--geometry", default="64,32,64,4,128,2", help="l,d,l',n,w,local_blocks")
   p.add_argument("--iters", type=int, default=10)
   p.add_argument("--breakdown", action="store_true")
+  p.add_argument("--profile", type=int, default=0, help="pallas: trace this many fwd+bwd calls, print kernel times")
   p.add_argument("--cpu", action="store_true", help="no cuDNN: xla window branch and no baseline (smoke run)")
+  p.add_argument("--window-impl", default="auto", choices=["auto", "cudnn", "pallas", "xla"],
+                 help="attention.impl of the window branch (auto: what the model would pick)")
   a = p.parse_args()
   l, d, ls, n, w, local = (int(x) for x in a.geometry.split(","))
   geom = dict(compress_block=l, compress_stride=d, select_block=ls, num_selected=n, local_blocks=local)
@@ -132,7 +159,7 @@ def main():
         continue
       for btxt in (a.blocks if impl == "pallas" else [""]):
         blocks = parse_blocks(btxt)
-        core = nsa_core(impl, geom, w, blocks, not a.cpu)
+        core = nsa_core(impl, geom, w, blocks, "xla" if a.cpu else a.window_impl)
         try:
           ms = (time_call(jax.jit(core), args, a.iters), time_call(fwd_bwd(core, 8), args, a.iters))
         except Exception as e:  # noqa: BLE001  (an OOM or lowering failure is a result of the sweep)
@@ -141,8 +168,10 @@ def main():
         up = f"{base[0] / ms[0]:6.2f}x / {base[1] / ms[1]:6.2f}x" if base else ""
         print(f"{t:>6} {impl:>10} {btxt or 'default':>34} {ms[0]:9.3f} {fl_nsa / ms[0] / 1e9:6.1f} {ms[1]:9.3f} "
               f"{3 * fl_nsa / ms[1] / 1e9:6.1f} {up:>26}", flush=True)
+        if a.profile and impl == "pallas":
+          print(profile_fwd_bwd(fwd_bwd(core, 8), args, a.profile), flush=True)
         if a.breakdown and impl == "pallas":
-          for name, v in breakdown(args, geom, w, blocks, not a.cpu).items():
+          for name, v in breakdown(args, geom, w, blocks, "xla" if a.cpu else a.window_impl).items():
             print(f"{'':>6} {'':>10} {name:>34} {v:9.3f} ms")
 
 

@@ -55,8 +55,10 @@ def _assert_close(a, b, atol):
   np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=atol, rtol=atol)
 
 
-@pytest.mark.parametrize("cmp_q", [16, 4])  # 4 tokens x Gp 2 = 8 rows: raised to 8 tokens (16 rows)
-def test_compressed_attention_and_selection_scores_match_reference(cmp_q):
+# cmp_q 4: 4 tokens x Gp 2 = 8 rows, raised to 8 tokens (16 rows); chunk 2: a key tile's dk/dv over several
+# work items (atomics), 512: one item per key tile (dkdv_items 1: no shrinking for this short T)
+@pytest.mark.parametrize("cmp_q, chunk", [(16, 512), (4, 2)])
+def test_compressed_attention_and_selection_scores_match_reference(cmp_q, chunk):
   q, kc, vc, _, _ = _inputs()
   cot = normal(9, q.shape)
 
@@ -69,7 +71,7 @@ def test_compressed_attention_and_selection_scores_match_reference(cmp_q):
                      q, kc, lse)
     return o, lse, score, grads
 
-  o, lse, score, grads = run(kernel, blocks=dataclasses.replace(BLOCKS, cmp_q=cmp_q))
+  o, lse, score, grads = run(kernel, blocks=dataclasses.replace(BLOCKS, cmp_q=cmp_q, cmp_chunk=chunk, dkdv_items=1))
   o_r, lse_r, score_r, grads_r = run(reference)
   _assert_close(o, o_r, 2e-5)
   early = np.isinf(np.asarray(lse_r))  # tokens before the first block ends see nothing: lse +inf, o and score 0
@@ -82,8 +84,8 @@ def test_compressed_attention_and_selection_scores_match_reference(cmp_q):
     _assert_close(g, g_r, 5e-5)
 
 
-@pytest.mark.parametrize("slc_q", [16, 4])  # 4 tokens x Gp 2 = 8 rows: raised to 8 tokens (16 rows)
-def test_selected_attention_matches_reference_values_and_gradients(slc_q):
+@pytest.mark.parametrize("slc_q, chunk", [(16, 32), (4, 1)])  # as above; chunk 1: one query tile per item
+def test_selected_attention_matches_reference_values_and_gradients(slc_q, chunk):
   q, _, _, ks, vs = _inputs()
   idx = random_selection(5, 1, 2, q.shape[1], N_SEL, SELECT)
   cot = normal(9, q.shape)
@@ -95,11 +97,42 @@ def test_selected_attention_matches_reference_values_and_gradients(slc_q):
     (_, o), grads = run_fast(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), q, ks, vs)
     return o, grads
 
-  o, grads = run(kernel, blocks=dataclasses.replace(BLOCKS, slc_q=slc_q))
+  o, grads = run(kernel, blocks=dataclasses.replace(BLOCKS, slc_q=slc_q, slc_chunk=chunk, dkdv_items=1))
   o_r, grads_r = run(reference)
   _assert_close(o, o_r, 2e-5)
   for g, g_r in zip(grads, grads_r):
     _assert_close(g, g_r, 5e-5)
+
+
+@pytest.mark.parametrize("n_sel, local, zero_q", [(4, 2, False), (3, 0, False), (5, 1, True), (9, 2, True)])
+def test_select_top_equals_select_blocks_over_the_scores(n_sel, local, zero_q):
+  """The fused top-n kernel picks the ids nsa.select_blocks picks from selection_scores: forced first / local
+  blocks, no future block, ties to the lower id (zero_q: uniform probabilities, many exact ties; local 0: blocks
+  with score 0), -1 where fewer than n blocks are visible (n 9 > the 7 blocks of T=101)."""
+  q, kc, _, _, _ = _inputs()
+  q = jnp.zeros_like(q) if zero_q else q
+  _, lse = run_fast(lambda q, kc: reference.compressed_attention(q, kc, kc, **GEOM), q, kc)
+  kw = dict(select_block=SELECT, **GEOM, blocks=BLOCKS)
+  ids = run_fast(lambda q, kc, lse: kernel.select_top(q, kc, lse, num_selected=n_sel, local_blocks=local, **kw),
+                 q, kc, lse)
+  score = run_fast(lambda q, kc, lse: kernel.selection_scores(q, kc, lse, **kw), q, kc, lse)
+  want = nsa.select_blocks(score, jnp.arange(q.shape[1]), select_block=SELECT, num_selected=n_sel,
+                           local_blocks=local)
+  assert ids.shape == want.shape == (1, 2, 101, min(n_sel, 7))
+  np.testing.assert_array_equal(np.asarray(ids), np.asarray(want))
+  assert (np.asarray(ids) == -1).any() == (n_sel > 1)  # early tokens see fewer than n blocks
+
+
+def test_work_items_cut_each_key_tiles_list_into_chunks():
+  cnt = np.array([[[5, 0, 1, 7], [0, 0, 0, 2]]], np.int32)  # [B=1, K=2, nK=4]
+  items = np.asarray(kernel.work_items(jnp.asarray(cnt), 3, 6))
+  want = [[(0, 0, 3), (0, 3, 5), (2, 0, 1), (3, 0, 3), (3, 3, 6), (3, 6, 7)],
+          [(3, 0, 2)] + [(-1,)] * 5]
+  for k in range(2):
+    got = [tuple(r[:3]) if r[0] >= 0 else (-1,) for r in items[0, k]]
+    assert got == want[k], (k, got)
+  # chunk shrinks when a (batch, kv head) has few (query tile, key tile) pairs: 64K cmp keeps 128, 8K gets 3
+  assert [kernel.item_chunk(p, 128, 1024) for p in (135_000, 2_500, 10)] == [128, 3, 1]
 
 
 def test_remap_matrices_reproduce_the_papers_selection_weights():
@@ -212,8 +245,11 @@ def test_kernels_on_gpu_at_8k_match_reference_in_bf16():
         jnp.abs(g_r.astype(jnp.float32)).max()))
 
   # the selected branch with the ids NSA would pick from these scores, same ids for kernel and reference
-  idx = jax.jit(lambda sc: nsa.select_blocks(sc, jnp.arange(t), select_block=ls, num_selected=n, local_blocks=2))(
-      score_r)
+  pick = jax.jit(lambda sc: nsa.select_blocks(sc, jnp.arange(t), select_block=ls, num_selected=n, local_blocks=2))
+  idx = pick(score_r)
+  top = jax.jit(lambda q, kc, lse: kernel.select_top(q, kc, lse, select_block=ls, num_selected=n, local_blocks=2,
+                                                      **geom, blocks=blocks))(q, kc, lse)
+  np.testing.assert_array_equal(np.asarray(top), np.asarray(pick(score)))  # fused top-n = top-k of its scores
 
   half = t // 4  # the dense [T, T] reference would not fit; compare on the first quarter (selection is causal)
 
@@ -251,6 +287,9 @@ def test_kernels_lower_to_triton_for_h100(triton_h100):
   def scores(q, kc, lse):
     return kernel.selection_scores(q, kc, lse, select_block=ls, **geom)
 
+  def top(q, kc, lse):
+    return kernel.select_top(q, kc, lse, select_block=ls, num_selected=n, local_blocks=2, **geom)
+
   def slc_fwd_bwd(q, ks, vs, idx):
     o, vjp = jax.vjp(lambda q, ks, vs: kernel.selected_attention(q, ks, vs, idx, select_block=ls, blocks=blocks),
                      q, ks, vs)
@@ -258,5 +297,6 @@ def test_kernels_lower_to_triton_for_h100(triton_h100):
 
   assert lower(cmp_fwd_bwd, sds(b, t, h, d), sds(b, nc, kv, d), sds(b, nc, kv, d)) == 3
   assert lower(scores, sds(b, t, h, d), sds(b, nc, kv, d), sds(b, kv, h // kv, t, dtype=jnp.float32)) == 1
+  assert lower(top, sds(b, t, h, d), sds(b, nc, kv, d), sds(b, kv, h // kv, t, dtype=jnp.float32)) == 1
   idx = sds(b, kv, t, n, dtype=jnp.int32)
   assert lower(slc_fwd_bwd, sds(b, t, h, d), sds(b, t, kv, d), sds(b, t, kv, d), idx) == 3
