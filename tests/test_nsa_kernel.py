@@ -104,7 +104,7 @@ def test_selected_attention_matches_reference_values_and_gradients(slc_q, chunk)
     _assert_close(g, g_r, 5e-5)
 
 
-@pytest.mark.parametrize("n_sel, local, zero_q", [(4, 2, False), (3, 0, False), (5, 1, True), (9, 2, True)])
+@pytest.mark.parametrize("n_sel, local, zero_q", [(3, 0, True), (9, 2, False)])
 def test_select_top_equals_select_blocks_over_the_scores(n_sel, local, zero_q):
   """The fused top-n kernel picks the ids nsa.select_blocks picks from selection_scores: forced first / local
   blocks, no future block, ties to the lower id (zero_q: uniform probabilities, many exact ties; local 0: blocks
