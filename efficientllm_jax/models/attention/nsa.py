@@ -31,6 +31,7 @@ is [T, T]. C is `attention.nsa.query_chunk`, or chosen so a chunk's gathered key
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -39,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from efficientllm_jax import config as config_lib
+from efficientllm_jax.models import remat
 from efficientllm_jax.models.attention import ops
 from efficientllm_jax.models.layers import dense, dtype, normal_init, zeros_init
 from efficientllm_jax.models.positional import PositionContext, rotate
@@ -319,7 +321,11 @@ class NSAAttention(nnx.Module):
     if self.kernel_impl == "pallas":
       if ctx.bias is not None:
         raise ValueError("attention.nsa.impl=pallas takes no logit bias (relative / ALiBi): use impl=reference")
-      o_cmp, o_slc, idx = sparse_branches_pallas(q, kc, vc, ks, vs, **self.geometry)
+      # keep_residuals: remat policies that keep attention kernels (dots_attention, the default) save the kernels'
+      # outputs and residuals instead of running the whole sparse forward (both branches, the selection, the
+      # lists) again in the backward pass.
+      core = functools.partial(sparse_branches_pallas, **self.geometry)
+      o_cmp, o_slc, idx = remat.keep_residuals(core)(q, kc, vc, ks, vs)
     else:
       o_cmp, o_slc, idx = sparse_branches(q, kc, vc, end_n, ks, vs, bias=ctx.bias, query_chunk=self.query_chunk,
                                           **self.geometry)
