@@ -390,7 +390,7 @@ def validate_expert_parallel(c) -> None:
   import jax  # noqa: PLC0415 - the device count is only known once the backend starts
 
   from efficientllm_jax.parallel import sharding  # noqa: PLC0415
-  ep = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(dict(c.mesh.shape), jax.device_count())))["expert"]
+  ep = sharding.mesh_sizes(c)["expert"]
   if ep == 1:
     return
   e = c.moe.num_experts

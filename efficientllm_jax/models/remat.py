@@ -1,9 +1,10 @@
 """Rematerialisation policies for the blocks (`model.remat`) and the names that let a policy keep kernel outputs.
 
 `dots` keeps the outputs of dot_general (XLA's matmuls) and recomputes the rest in the backward pass. The
-attention kernels (cuDNN, our Pallas flash kernel, NSA's sparse kernels) and the grouped matmuls of the MoE (ragged_dot, our Pallas
-gmm) are not dot_generals, so under `dots` the backward runs their forward again: on an H200 the cuDNN forward
-took 58.7 ms of a 0.5B step under `dots` against 27.9 ms without remat (benchmarks/RESULTS.md). `dots_kernels`
+attention kernels (cuDNN, our Pallas flash kernel, NSA's sparse kernels) and the grouped matmuls of the MoE
+(ragged_dot, our Pallas gmm) are not dot_generals, so under `dots` the backward runs their forward again: on an
+H200 the cuDNN forward took 58.7 ms of a 0.5B step under `dots` against 27.9 ms without remat
+(benchmarks/RESULTS.md). `dots_kernels`
 also keeps what their backward passes need: the output and residuals of the attention kernel (tagged by
 `keep_residuals`, since the residuals live inside the kernel's own custom VJP where no policy sees them) and the
 grouped matmuls' outputs (tagged with `checkpoint_name`). The output matters as much as the residuals: the output

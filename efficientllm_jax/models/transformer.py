@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficientllm_jax.models import remat
 from efficientllm_jax.models.attention import make_attention
 from efficientllm_jax.models.layers import Embed, RMSNorm, SwiGLU, dtype
 from efficientllm_jax.models.moe import MoE
-from efficientllm_jax.models import remat
 from efficientllm_jax.models.positional import PositionContext, make_position
 from efficientllm_jax.parallel.sharding import shard
 

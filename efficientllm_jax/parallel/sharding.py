@@ -173,7 +173,12 @@ def batch_sharding(mesh: Mesh, rules: dict[str, Any], shape: Sequence[int]) -> N
   return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
 
 
+def mesh_sizes(cfg) -> dict[str, int]:
+  """{mesh axis: devices} of cfg.mesh.shape on the visible devices (the -1 axis resolved)."""
+  return dict(zip(MESH_AXES, mesh_shape(dict(cfg.mesh.shape), jax.device_count())))
+
+
 def data_parallel_size(cfg) -> int:
   """Devices the batch dimension is split over (for the divisibility check in validate)."""
-  sizes = dict(zip(MESH_AXES, mesh_shape(dict(cfg.mesh.shape), jax.device_count())))
+  sizes = mesh_sizes(cfg)
   return math.prod(sizes[a] for a in mesh_axes(rules_of(cfg).get("batch")))

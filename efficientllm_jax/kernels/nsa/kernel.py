@@ -271,12 +271,18 @@ def work_items(k_cnt, chunk: int, n_items: int):
   return jnp.stack([jnp.where(tile < n, tile, -1), lo, hi, jnp.zeros_like(lo)], axis=-1).astype(jnp.int32)
 
 
+def _lead(lists):
+  """(b, k) -> this program's leading block indices into `lists`; lists shared over batch / heads have leading
+  dims 1 (index 0)."""
+  bb, kb = lists.shape[0] > 1, lists.shape[1] > 1
+  return lambda b, k: (b if bb else 0, k if kb else 0)
+
+
 def _list_specs(cnt, ids):
-  """BlockSpecs picking this program's count and id row; lists shared over batch / heads have leading dims 1."""
-  bb, kb = cnt.shape[0] > 1, cnt.shape[1] > 1
-  pick = lambda b, k, x: (b if bb else 0, k if kb else 0, x)
-  return [pl.BlockSpec((None, None, 1), lambda b, k, x, *_: pick(b, k, x)),
-          pl.BlockSpec((None, None, None, ids.shape[-1]), lambda b, k, x, *_: (*pick(b, k, x), 0))]
+  """BlockSpecs picking this program's count and id row."""
+  lead = _lead(cnt)
+  return [pl.BlockSpec((None, None, 1), lambda b, k, x, *_: (*lead(b, k), x)),
+          pl.BlockSpec((None, None, None, ids.shape[-1]), lambda b, k, x, *_: (*lead(b, k), x, 0))]
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, blocks: Blocks, name: str, aliases=None):
@@ -331,10 +337,9 @@ def _bwd(q_rows, k, v, sel_rows, lists, o_rows, lse, do_rows, *, mask, scale, tq
              jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype), blocks, f"nsa_{mask.kind}_dq")(*args)
 
   # dk, dv: one program per work item, fp32 accumulators aliased in and out
-  bb, kb = items.shape[0] > 1, items.shape[1] > 1
-  pick = lambda b_, k_: (b_ if bb else 0, k_ if kb else 0)
-  in_specs = [pl.BlockSpec((None, None, None, 4), lambda b_, k_, x: (*pick(b_, k_), x, 0)),
-              pl.BlockSpec((None, None, *k_ids.shape[2:]), lambda b_, k_, x: (*pick(b_, k_), 0, 0)),
+  lead = _lead(items)
+  in_specs = [pl.BlockSpec((None, None, None, 4), lambda b_, k_, x: (*lead(b_, k_), x, 0)),
+              pl.BlockSpec((None, None, *k_ids.shape[2:]), lambda b_, k_, x: (*lead(b_, k_), 0, 0)),
               full(r, d), full(k.shape[2], d), full(k.shape[2], d), full(r, d), full(r), full(r)]
   args = [items, k_ids, q_rows, k, v, do_rows, lse, delta]
   if slc:
