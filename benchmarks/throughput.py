@@ -116,7 +116,8 @@ def report(name: str, cfg, step_s: float, peak_bytes: float | None, device_kind:
 
 # ----- ours -----
 
-def run_ours(cfg, name: str, steps: int, warmup: int, profile_steps: int = 0) -> dict:
+def run_ours(cfg, name: str, steps: int, warmup: int, profile_steps: int = 0, profile_dir: str = "",
+             profile_top: int = 12) -> dict:
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
@@ -151,15 +152,16 @@ def run_ours(cfg, name: str, steps: int, warmup: int, profile_steps: int = 0) ->
   stats = dev.memory_stats() or {}
   extra = {}
   if profile_steps:  # after the timed steps, so tracing costs the timing nothing
+    import contextlib  # noqa: PLC0415
     import tempfile  # noqa: PLC0415
 
     from efficientllm_jax.bench import profile  # noqa: PLC0415
-    with tempfile.TemporaryDirectory() as d:
+    with (contextlib.nullcontext(profile_dir) if profile_dir else tempfile.TemporaryDirectory()) as d:
       with jax.profiler.trace(d, create_perfetto_trace=True):
         for i in range(profile_steps):
           state, metrics = built.train_step(state, batches[i % 2])
         jax.block_until_ready((state, metrics))
-      extra["profile"] = profile.summarize(profile.find_trace(d), profile_steps)
+      extra["profile"] = profile.summarize(profile.find_trace(d), profile_steps, top=profile_top)
   return report(name, cfg, step_s, stats.get("peak_bytes_in_use"), dev.device_kind, compile_s=compile_s,
                 loss_first=first_loss, loss_last=last_loss, **extra)
 
@@ -264,16 +266,18 @@ def worker(args) -> None:
     label = ";".join(f"{k}={v}" for k, v in override.items() if k != "xla") or "(shared config)"
     if "xla" in override:
       label += " +XLA_FLAGS"
-    row = run_ours(cfg, "ours " + label, args.steps, args.warmup, args.profile)
+    row = run_ours(cfg, "ours " + label, args.steps, args.warmup, args.profile, args.profile_dir, args.profile_top)
   else:
     row = run_peer(cfg, args.steps, args.warmup, args.peer_ckpt)
   print(RESULT + json.dumps(row), flush=True)
 
 
-def spawn(args, kind: str, override: str | None) -> dict:
+def spawn(args, kind: str, override: str | None, index: int = 0) -> dict:
   cmd = [sys.executable, str(Path(__file__).resolve()), f"--worker={kind}", f"--config={args.config}",
          f"--steps={args.steps}", f"--warmup={args.warmup}", f"--peer_ckpt={args.peer_ckpt}",
-         f"--profile={args.profile}"]
+         f"--profile={args.profile}", f"--profile_top={args.profile_top}"]
+  if args.profile_dir and kind == "ours":  # one trace folder per run of ours: DIR/run0, DIR/run1, ...
+    cmd.append(f"--profile_dir={Path(args.profile_dir) / f'run{index}'}")
   cmd += [f"--set={s}" for s in args.set]
   env = dict(os.environ)
   if override is not None:
@@ -319,14 +323,17 @@ def main() -> None:
   ap.add_argument("--timeout_s", type=int, default=300, help="per run")
   ap.add_argument("--profile", type=int, default=0,
                   help="ours: trace this many extra steps with jax.profiler and print the device-time breakdown")
+  ap.add_argument("--profile_dir", default="",
+                  help="keep each run's trace (perfetto_trace.json.gz, TensorBoard's profile plugin) in DIR/runN")
+  ap.add_argument("--profile_top", type=int, default=12, help="heaviest kernels listed per profile")
   ap.add_argument("--json", default="", help="also write the rows here")
   ap.add_argument("--worker", default="", choices=("", "ours", "peer"), help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.worker:
     return worker(args)
   rows = []
-  for override in args.override or [None]:
-    rows.append(spawn(args, "ours", override))
+  for index, override in enumerate(args.override or [None]):
+    rows.append(spawn(args, "ours", override, index))
     print(json.dumps(rows[-1]), flush=True)
   if args.peer:
     rows.append(spawn(args, "peer", None))

@@ -138,6 +138,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   t.clip_norm = 1.0
   t.seed = 0
   t.loss_chunk = 2048  # tokens per cross-entropy chunk (bounds fp32 logits memory); 0 = no chunking
+  t.logits_dtype = "float32"  # float32 | bfloat16: the LM-head matmul's output in the loss (bf16: half the traffic)
   t.log_every = 10
   t.eval_every = 100
   t.eval_batches = 4

@@ -136,6 +136,10 @@ def validate_train(c) -> None:
   for key in ("train.warmup_steps", "train.eval_every", "train.weight_decay", "train.clip_norm", "train.eps",
               "train.loss_chunk"):
     _non_negative(c, key)
+  logits_dtype = _get(c, "train.logits_dtype")
+  if logits_dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"train.logits_dtype={logits_dtype!r} is not float32 or bfloat16: set "
+                      "--config.train.logits_dtype=float32 (default) or bfloat16 (half the loss's logits traffic)")
   lr, min_lr = _non_negative(c, "train.lr"), _non_negative(c, "train.min_lr")
   if lr == 0:
     raise ConfigError("train.lr=0 trains nothing: set --config.train.lr to a positive value (EfficientLLM: 1e-4)")

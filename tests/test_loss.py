@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from efficientllm_jax.train.loss import cross_entropy
+from efficientllm_jax.train.loss import cross_entropy, logsumexp_one_pass
 
 
 def _numpy_ce(h, e, y, mask):
@@ -78,3 +78,40 @@ def test_bf16_compute_is_close_and_gradient_dtypes_follow_inputs():
   np.testing.assert_allclose(float(value), ref_total, rtol=2e-2)
   np.testing.assert_allclose(np.asarray(dh, np.float32), ref_dh, atol=2e-2 * np.abs(ref_dh).max())
   np.testing.assert_allclose(np.asarray(de), ref_de, atol=2e-2 * np.abs(ref_de).max())
+
+
+def test_one_pass_logsumexp_matches_numpy():
+  """The running (max, sum of exp) reduction against float64 numpy: wide magnitudes (a plain sum of exp would
+  overflow at 800), rows of -inf, and a reduction over a middle axis."""
+  rng = np.random.default_rng(3)
+  x = (rng.normal(size=(5, 7, 300)) * np.array([1.0, 30.0, 800.0, 1e-3, 5.0])[:, None, None]).astype(np.float32)
+  x[4, 2] = -np.inf
+  finite = np.where(np.isinf(x), 0.0, x).astype(np.float64)  # the -inf row's reference is set below
+  ref = np.log(np.exp(finite - finite.max(-1, keepdims=True)).sum(-1)) + finite.max(-1)
+  ref[4, 2] = -np.inf
+  got = np.asarray(jax.jit(logsumexp_one_pass)(jnp.asarray(x)))
+  np.testing.assert_allclose(got, ref, rtol=1e-6)
+  assert got[4, 2] == -np.inf
+  mid = np.asarray(logsumexp_one_pass(jnp.asarray(x[:4]), axis=1))
+  np.testing.assert_allclose(mid, np.asarray(jax.nn.logsumexp(jnp.asarray(x[:4]), axis=1)), rtol=1e-6)
+
+
+def test_bf16_logits_close_to_reference_and_bad_dtype_named():
+  """logits_dtype=bfloat16 (the LM-head matmul writes bf16 logits, fp32 softmax): loss and gradients near the
+  float64 closed form; an unknown dtype names the config key."""
+  rng = np.random.default_rng(4)
+  h = rng.normal(size=(2, 12, 16)).astype(np.float32)
+  e = (0.5 * rng.normal(size=(96, 16))).astype(np.float32)
+  y = rng.integers(0, 96, size=(2, 12))
+  loss = lambda h, e: cross_entropy(h, e, jnp.asarray(y), chunk=8, logits_dtype="bfloat16")[0]  # noqa: E731
+  value, (dh, de) = jax.value_and_grad(loss, argnums=(0, 1))(jnp.asarray(h), jnp.asarray(e))
+  ones = np.ones_like(y, np.float32)
+  ref_total, _ = _numpy_ce(h, e, y, ones)
+  ref_dh, ref_de = _numpy_grads(h, e, y, ones)
+  np.testing.assert_allclose(float(value), ref_total, rtol=5e-3)
+  np.testing.assert_allclose(np.asarray(dh), ref_dh, atol=2e-2 * np.abs(ref_dh).max())
+  np.testing.assert_allclose(np.asarray(de), ref_de, atol=2e-2 * np.abs(ref_de).max())
+  fp32 = float(cross_entropy(jnp.asarray(h), jnp.asarray(e), jnp.asarray(y), chunk=8)[0])
+  assert abs(float(value) - fp32) > 0  # the option reaches the matmul: bf16 logits round differently
+  with pytest.raises(ValueError, match="train.logits_dtype='float16' is not one of"):
+    cross_entropy(jnp.asarray(h), jnp.asarray(e), jnp.asarray(y), logits_dtype="float16")

@@ -7,6 +7,12 @@ accumulation. So the LM head costs three matmuls, all in the compute dtype, wher
 chunk costs four (the logits twice) and runs the two gradient matmuls on fp32 dlogits (TF32 GEMMs on a GPU, measured
 at 67 ms of a 449 ms Qwen2.5-0.5B step on an H200). Peak logits memory is one chunk: batch x chunk x vocab x 4 B.
 
+The log-sum-exp is one pass over the logits (`logsumexp_one_pass`: a running (max, sum of exp) pair per row, a
+variadic reduction), where `jax.nn.logsumexp` reads them twice (max, then sum). At 151,936 classes the logits
+dominate the loss's memory traffic: per chunk they are written once, read for the log-sum-exp, read again for the
+gradient. `logits_dtype` picks the dtype the LM-head matmul writes them in: float32 (default) or bfloat16 (half
+the traffic, and what the transformers peer does; the softmax arithmetic stays fp32 either way).
+
 With an active mesh (parallel/sharding.activation_sharding) the loss runs under `shard_map` over the mesh axes
 the batch dimension is split over: each device takes its own rows and the whole table (gathered once, not once
 per chunk), and the table's gradient is summed over devices once, after the chunk loop. Left to GSPMD, the
@@ -26,14 +32,36 @@ from jax.sharding import PartitionSpec as P
 from efficientllm_jax.parallel import sharding as sh
 
 
-def _logits(h_bcd, w_vd):
-  return jnp.einsum("bcd,vd->bcv", h_bcd, w_vd, preferred_element_type=jnp.float32)
+LOGITS_DTYPES = ("float32", "bfloat16")
+_FLOOR = float(jnp.finfo(jnp.float32).min)  # the running max's start: finite, so exp(start - start) is 1, not NaN
 
 
-def _chunk_loss(h_bcd, w_vd, y_bc, m_bc):
-  logits = _logits(h_bcd, w_vd)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  tgt = jnp.take_along_axis(logits, y_bc[..., None], axis=-1)[..., 0]
+def _max_sumexp(a, b):
+  """Combines two (max, sum of exp(x - max)) pairs."""
+  (ma, sa), (mb, sb) = a, b
+  m = jnp.maximum(ma, mb)
+  return m, sa * jnp.exp(ma - m) + sb * jnp.exp(mb - m)
+
+
+def logsumexp_one_pass(x, axis: int = -1):
+  """log(sum(exp(x))) over `axis` in fp32, reading x once (online softmax's running max and rescaled sum).
+
+  Not differentiable (a general reducer); the loss forms its gradient itself. Rows of -inf give -inf, as
+  jax.nn.logsumexp does; NaN propagates."""
+  x = x.astype(jnp.float32)
+  axis = axis % x.ndim
+  m, s = jax.lax.reduce((x, jnp.ones_like(x)), (jnp.float32(_FLOOR), jnp.float32(0)), _max_sumexp, (axis,))
+  return m + jnp.log(s)
+
+
+def _logits(h_bcd, w_vd, dtype):
+  return jnp.einsum("bcd,vd->bcv", h_bcd, w_vd, preferred_element_type=dtype)
+
+
+def _chunk_loss(h_bcd, w_vd, y_bc, m_bc, dtype):
+  logits = _logits(h_bcd, w_vd, dtype)
+  lse = logsumexp_one_pass(logits)
+  tgt = jnp.take_along_axis(logits, y_bc[..., None], axis=-1)[..., 0].astype(jnp.float32)
   return jnp.sum((lse - tgt) * m_bc), lse, logits
 
 
@@ -44,21 +72,21 @@ def _zeros(shape, row_axes: tuple[str, ...]):
   return jax.lax.pcast(z, row_axes, to="varying") if row_axes else z
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunked_sum(row_axes, h_kbcd, w_vd, y_kbc, m_kbc):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunked_sum(row_axes, dtype, h_kbcd, w_vd, y_kbc, m_kbc):
   """Sum of masked token losses over chunks k (primal: no gradient work). `row_axes`: the shard_map mesh axes the
-  rows are split over (() outside shard_map)."""
-  body = lambda total, xs: (total + _chunk_loss(xs[0], w_vd, xs[1], xs[2])[0], None)  # noqa: E731
+  rows are split over (() outside shard_map); `dtype`: the logits' dtype."""
+  body = lambda total, xs: (total + _chunk_loss(xs[0], w_vd, xs[1], xs[2], dtype)[0], None)  # noqa: E731
   return jax.lax.scan(body, _zeros((), row_axes), (h_kbcd, y_kbc, m_kbc))[0]
 
 
-def _chunked_sum_fwd(row_axes, h_kbcd, w_vd, y_kbc, m_kbc):
+def _chunked_sum_fwd(row_axes, dtype, h_kbcd, w_vd, y_kbc, m_kbc):
   def body(carry, xs):
     total, dw_vd = carry
     h_bcd, y_bc, m_bc = xs
-    loss, lse, logits = _chunk_loss(h_bcd, w_vd, y_bc, m_bc)
+    loss, lse, logits = _chunk_loss(h_bcd, w_vd, y_bc, m_bc, dtype)
     onehot = jax.nn.one_hot(y_bc, w_vd.shape[0], dtype=jnp.float32)
-    dlogits = ((jnp.exp(logits - lse[..., None]) - onehot) * m_bc[..., None]).astype(h_bcd.dtype)
+    dlogits = ((jnp.exp(logits.astype(jnp.float32) - lse[..., None]) - onehot) * m_bc[..., None]).astype(h_bcd.dtype)
     dh_bcd = jnp.einsum("bcv,vd->bcd", dlogits, w_vd, preferred_element_type=jnp.float32).astype(h_bcd.dtype)
     dw_vd = dw_vd + jnp.einsum("bcv,bcd->vd", dlogits, h_bcd, preferred_element_type=jnp.float32)
     return (total + loss, dw_vd), dh_bcd
@@ -68,7 +96,7 @@ def _chunked_sum_fwd(row_axes, h_kbcd, w_vd, y_kbc, m_kbc):
   return total, (dh_kbcd, dw_vd.astype(w_vd.dtype))
 
 
-def _chunked_sum_bwd(row_axes, res, g):
+def _chunked_sum_bwd(row_axes, dtype, res, g):
   dh_kbcd, dw_vd = res
   dw_vd = dw_vd * g.astype(dw_vd.dtype)
   if row_axes:  # under shard_map the table is the same on every device: its gradient sums the devices' rows, once
@@ -79,7 +107,7 @@ def _chunked_sum_bwd(row_axes, res, g):
 _chunked_sum.defvjp(_chunked_sum_fwd, _chunked_sum_bwd)
 
 
-def _local_sum(h_btd, w_vd, targets_bt, mask_bt, chunk: int, row_axes: tuple[str, ...] = ()):
+def _local_sum(h_btd, w_vd, targets_bt, mask_bt, chunk: int, dtype, row_axes: tuple[str, ...] = ()):
   """Sum of token losses over this device's rows, chunks of `chunk` tokens (ceil(chunk / rows) positions)."""
   b, t, d = h_btd.shape
   c = t if not chunk else max(1, min(t, math.ceil(chunk / b)))
@@ -90,23 +118,27 @@ def _local_sum(h_btd, w_vd, targets_bt, mask_bt, chunk: int, row_axes: tuple[str
     mask_bt = jnp.pad(mask_bt, ((0, 0), (0, pad)))
   k = h_btd.shape[1] // c
   split = lambda x: jnp.moveaxis(x.reshape(b, k, c, *x.shape[2:]), 1, 0)  # noqa: E731 - [B, T, ...] -> [k, B, c, ...]
-  return _chunked_sum(row_axes, split(h_btd), w_vd, split(targets_bt), split(mask_bt))
+  return _chunked_sum(row_axes, dtype, split(h_btd), w_vd, split(targets_bt), split(mask_bt))
 
 
-def cross_entropy(h_btd, embed_vd, targets_bt, mask_bt=None, *, chunk: int = 0):
+def cross_entropy(h_btd, embed_vd, targets_bt, mask_bt=None, *, chunk: int = 0, logits_dtype: str = "float32"):
   """Returns (sum of token losses, number of tokens counted), both fp32 scalars. `chunk` = tokens per chunk
-  (over the whole batch; 0 = one chunk)."""
+  (over the whole batch; 0 = one chunk); `logits_dtype`: the LM-head matmul's output dtype, "float32" or
+  "bfloat16" (see the module docstring)."""
+  if logits_dtype not in LOGITS_DTYPES:
+    raise ValueError(f"train.logits_dtype={logits_dtype!r} is not one of {LOGITS_DTYPES}")
+  dtype = jnp.dtype(logits_dtype)
   mask_bt = jnp.ones(targets_bt.shape, jnp.float32) if mask_bt is None else mask_bt.astype(jnp.float32)
   w_vd = embed_vd.astype(h_btd.dtype)  # the compute-dtype table; its gradient flows back to the fp32 parameter
   count = jnp.sum(mask_bt)
   mesh, axes = sh.batch_axes()
   if mesh is None:
-    return _local_sum(h_btd, w_vd, targets_bt, mask_bt, chunk), count
+    return _local_sum(h_btd, w_vd, targets_bt, mask_bt, chunk, dtype), count
   rows = math.prod(mesh.shape[a] for a in axes)
   per_device_chunk = max(1, chunk // rows) if chunk else 0
 
   def local(h, w, y, m):
-    return jax.lax.psum(_local_sum(h, w, y, m, per_device_chunk, axes), axes)
+    return jax.lax.psum(_local_sum(h, w, y, m, per_device_chunk, dtype, axes), axes)
 
   rows_spec = P(axes)
   total = jax.shard_map(local, mesh=mesh, in_specs=(rows_spec, P(), rows_spec, rows_spec), out_specs=P())(
