@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from efficientllm_jax.kernels.flash import mosaic  # noqa: E402
 from efficientllm_jax.models.attention import ops  # noqa: E402
 from efficientllm_jax.models.positional import ALiBiBias, T5Bias, alibi_slopes  # noqa: E402
 
@@ -107,6 +108,9 @@ def impls_for(args, dqk: int, window: int, h: int) -> dict[str, Callable]:
       fns[tag] = functools.partial(ops.pallas_attention, scale=scale, window=window, blocks=blk, bias=bias)
   if "xla" in names:
     fns["xla"] = functools.partial(ops.xla_attention, scale=scale, window=window, bias=bias)
+  if "mosaic" in names and not window and bias is None:  # causal, no bias / window (kernels/flash/mosaic.py)
+    params = mosaic.MosaicParams(scale=scale, causal=True)
+    fns["mosaic"] = lambda q, k, v: mosaic.mosaic_attention(q, k, v, params)  # noqa: E731
   fns.update(EXTRA)
   return fns
 
@@ -118,7 +122,8 @@ def main(argv=None) -> int:
   ap.add_argument("--layouts", default="14/2,12/2,16/2", help="query heads / K/V heads")
   ap.add_argument("--tokens", type=int, default=16384, help="batch = max(1, tokens // S)")
   ap.add_argument("--modes", default="fwd,fwdbwd")
-  ap.add_argument("--impls", default="pallas,cudnn,xla", help="cudnn always runs (baseline)")
+  ap.add_argument("--impls", default="pallas,cudnn,xla",
+                  help="cudnn always runs (baseline); also mosaic (the Mosaic GPU kernels, d 64/128, no bias)")
   ap.add_argument("--configs", default="", help="pallas tiles block_q x block_k x warps x stages, comma-separated")
   ap.add_argument("--window", type=int, default=0)
   ap.add_argument("--bias", default="none", choices=("none", "t5", "alibi"), help="logit bias (pallas, xla)")

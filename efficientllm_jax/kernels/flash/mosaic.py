@@ -1,0 +1,453 @@
+"""Flash attention for Hopper in Mosaic GPU (Pallas `plgpu`): forward and backward, causal or not, GQA.
+
+Layout as kernels/flash/kernel.py: q [B, T, H, D], k / v [B, S, K, D], H = K * G; query i sees key j iff j <= i
+(causal) and T == S. bf16 / fp16 inputs, fp32 accumulation, softmax in base 2 with log2(e) folded into the scale.
+
+Every kernel is one CTA of three warpgroups: two compute warpgroups of 64 rows each (wgmma's M) and a producer
+warpgroup that streams the other operand through a ring of `stages` shared-memory slots with TMA copies. A slot
+has a "full" barrier per buffer (the TMA's transaction count) and one "free" barrier that both compute
+warpgroups arrive on when they are done with it; the producer waits on "free" before refilling.
+
+  forward  CTA = (b, h, 128 query rows)  streams K, V blocks of `fwd_k` keys   -> o, lse (base 2)
+  dq       CTA = (b, h, 128 query rows)  streams K, V blocks of `dq_k` keys    -> dq (recomputes P and dP)
+  dk / dv  CTA = (b, kv head, 128 keys)  streams Q, dO, lse, delta blocks of `dkv_q` rows for every query head of
+           the group in turn, so dk and dv sum the G heads in registers (GQA-native, no reduction afterwards)
+
+Causal loops stop at the diagonal (forward, dq) or start there (dk / dv); a block that straddles it is masked
+with a finite large negative logit, so a fully masked row of a block contributes exp2(...) = 0 once a real key
+has been seen (each row sees key 0 first). Both compute warpgroups run the same number of steps: one of them may
+run a block that is masked for all its rows, which costs a step but keeps the barrier phases of the two in lock
+step.
+
+The default backward takes seven matmuls: dq and dk / dv recompute the logits separately, as JAX's stock Mosaic
+GPU attention does for its non-causal backward. `MosaicBlocks(fused_dq=True)` takes FlashAttention-3's five.
+There one dk / dv kernel also forms dS^T for both warpgroups in shared memory, and one warpgroup per step (in
+turn) multiplies its transpose by the CTA's keys. The resulting [64, D] dq block is added into an fp32 buffer by a
+TMA reduce-add. On an H200 at 8K it was faster at d 64 (5.86 against 6.01 ms forward+backward, 14/2 heads, B 4)
+and slower at d 128 (6.34 against 4.28 ms, 12/2, B 2). The d 128 loss is not profiled; the per-step dS exchange,
+which makes the two warpgroups wait for each other, is the likely cause. See benchmarks/RESULTS.md, session 6.
+
+CPU: `interpret=True` runs the same kernels in Pallas' GPU interpret mode (threads, barriers and TMA simulated).
+Its wgmma reads both operands from shared memory and it cannot run `pl.run_state` over a wgmma accumulator, so
+there `_mma` forms a fresh product plus an add, and a product whose left operand sits in registers is a jnp.dot.
+It has no TMA reduction either, so the fused dq is read, added and written back (the interpreter runs the grid
+sequentially). Everything else is the code that runs on the GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+LOG2E = math.log2(math.e)
+MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp2(MASKED - m) == 0 and never NaN
+ROWS = 64  # rows per compute warpgroup (wgmma M); a CTA holds two
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBlocks:
+  fwd_k: int = 128  # keys per forward step
+  dq_k: int = 64  # keys per dq step
+  dkv_q: int = 64  # query rows per dk / dv step
+  stages: int = 2  # ring slots per streamed operand
+  fused_dq: bool = False  # backward: dq inside the dk / dv kernel (TMA reduce-add) instead of its own kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicParams:
+  scale: float
+  causal: bool
+  blocks: MosaicBlocks = MosaicBlocks()
+  interpret: bool = False
+
+
+def unsupported(q, k, v, *, window: int = 0, q_offset: int = 0, bias=None) -> str | None:
+  """Why the Mosaic kernels cannot take this call (None: they can)."""
+  b, t, h, d = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  if bias is not None or window or q_offset:
+    return "the Mosaic GPU kernels take no bias, window or query offset"
+  if v.shape[-1] != d or d not in (64, 128):
+    return f"the Mosaic GPU kernels need equal q/k/v head dims of 64 or 128 (got {d} / {v.shape[-1]})"
+  if t != s or t % (2 * ROWS):
+    return f"the Mosaic GPU kernels need T == S, a multiple of {2 * ROWS} (got T={t}, S={s})"
+  if h % kh:
+    return f"{h} query heads are not a multiple of {kh} kv heads"
+  if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+    return f"the Mosaic GPU kernels take bf16 / fp16 q, k, v (got {q.dtype}, {k.dtype}, {v.dtype})"
+  return None
+
+
+def _tiles():
+  return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def _mma(acc, a, b, shape, interpret: bool):
+  """acc + a @ b (fp32 wgmma); acc None: the product alone. a: registers or shared memory, b: shared memory."""
+  if interpret and isinstance(a, jax.Array):  # the interpreter's wgmma reads both operands from shared memory
+    out = jnp.dot(a, b[...], preferred_element_type=jnp.float32)
+    return out if acc is None else acc + out
+  if acc is None or interpret:
+    def fresh(ref):
+      plgpu.wgmma(ref, a, b)
+      return ref[...]
+    out = pl.run_scoped(fresh, plgpu.ACC(shape, jnp.float32))
+    return out if acc is None else acc + out
+
+  def into(ref):
+    plgpu.wgmma(ref, a, b)
+  return pl.run_state(into)(plgpu.ACC.init(acc))
+
+
+def _row_vec(value, n):
+  return plgpu.layout_cast(jnp.full((n,), value, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+
+
+def _zeros(shape):
+  return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def _causal_mask(s, row0, col0):
+  """s [R, C] with logits of rows row0.. and columns col0..; positions where column > row get MASKED."""
+  rows = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA) + row0
+  cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA) + col0
+  return jnp.where(rows >= cols, s, MASKED)
+
+
+def _drain(free, steps, stages: int):
+  """The producer waits for the consumers' last release of every slot it filled, so that each phase of the "free"
+  barriers is observed before the kernel ends (the interpreter checks it; on the GPU it only idles the producer,
+  which has nothing left to load)."""
+  def wait(n, _):
+    @pl.when(n >= stages)
+    def _():
+      plgpu.barrier_wait(free.at[lax.rem(n, jnp.int32(stages))])
+  lax.fori_loop(steps, steps + stages, wait, None)
+
+
+def _producer(free, steps, stages: int, copies):
+  """The producer warpgroup: for each step n, once both compute warpgroups have released the slot's previous
+  contents, `copies(n, slot)` starts the step's TMA copies into that slot."""
+  plgpu.set_max_registers(40, action="decrease")
+
+  def load(n, _):
+    slot = lax.rem(n, jnp.int32(stages))
+
+    @pl.when(n >= stages)
+    def _():
+      plgpu.barrier_wait(free.at[slot])
+    copies(n, slot)
+  lax.fori_loop(0, steps, load, None)
+  _drain(free, steps, stages)
+
+
+def _kv_copies(k_ref, v_ref, k_sm, v_sm, k_bar, v_bar, b, kh, bk: int):
+  """Step i's K and V blocks (keys i*bk ...) of K/V head kh into a slot (forward, dq)."""
+  def copies(i, slot):
+    rows = pl.ds(i * bk, bk)
+    plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kh], k_sm.at[slot], k_bar.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kh], v_sm.at[slot], v_bar.at[slot])
+  return copies
+
+
+def _cdiv(a, b: int):
+  return lax.div(a + (b - 1), jnp.int32(b))
+
+
+def _kernel(body, out_type, scratch, grid, names, p: MosaicParams):
+  return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=names,
+                      num_threads=3, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+                      interpret=plgpu.InterpretGPUParams() if p.interpret else None)
+
+
+# ----- forward -----
+
+def _forward(q, k, v, p: MosaicParams):
+  b_, t, h_, d = q.shape
+  s_len, kh_ = k.shape[1], k.shape[2]
+  g_ = h_ // kh_
+  bk, stages = p.blocks.fwd_k, p.blocks.stages
+  c = p.scale * LOG2E
+  dtype = q.dtype
+
+  def body(q_ref, k_ref, v_ref, o_ref, lse_ref, q_sm, k_sm, v_sm, lse_sm, q_bar, k_bar, v_bar, free):
+    b, h, qi, wg = (lax.axis_index(n) for n in ("b", "h", "q", "wg"))
+    kh = lax.div(h, jnp.int32(g_))
+    steps = _cdiv((qi + 1) * (2 * ROWS), bk) if p.causal else s_len // bk
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      row0 = qi * (2 * ROWS) + wg * ROWS
+      qs = q_sm.at[wg]
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, ROWS), h], qs, q_bar.at[wg])
+      plgpu.barrier_wait(q_bar.at[wg])
+
+      def step(i, carry):
+        acc, m, l = carry
+        slot = lax.rem(i, jnp.int32(stages))
+        plgpu.barrier_wait(k_bar.at[slot])
+        s = _mma(None, qs, k_sm.at[slot].transpose((1, 0)), (ROWS, bk), p.interpret) * c
+        if p.causal:
+          s = _causal_mask(s, row0, i * bk)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        alpha = jnp.exp2(m - m_new)
+        pr = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        l = l * alpha + pr.sum(axis=1)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        plgpu.barrier_wait(v_bar.at[slot])
+        acc = _mma(acc, pr.astype(dtype), v_sm.at[slot], (ROWS, d), p.interpret)
+        plgpu.barrier_arrive(free.at[slot])
+        return acc, m_new, l
+
+      acc, m, l = lax.fori_loop(0, steps, step, (_zeros((ROWS, d)), _row_vec(MASKED, ROWS), _row_vec(0.0, ROWS)))
+      qs[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
+      lse_sm.at[wg][...] = m + jnp.log2(l)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(qs, o_ref.at[b, pl.ds(row0, ROWS), h])
+      plgpu.copy_smem_to_gmem(lse_sm.at[wg], lse_ref.at[b, h, pl.ds(row0, ROWS)])
+      plgpu.wait_smem_to_gmem(0)
+
+    pl.when(wg == 2)(lambda: _producer(free, steps, stages,
+                                       _kv_copies(k_ref, v_ref, k_sm, v_sm, k_bar, v_bar, b, kh, bk)))
+
+  scratch = [plgpu.SMEM((2, ROWS, d), dtype, transforms=_tiles()),
+             plgpu.SMEM((stages, bk, d), dtype, transforms=_tiles()),
+             plgpu.SMEM((stages, bk, d), dtype, transforms=_tiles()),
+             plgpu.SMEM((2, ROWS), jnp.float32),
+             plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+             plgpu.Barrier(num_arrivals=2, num_barriers=stages)]
+  out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((b_, h_, t), jnp.float32))
+  return _kernel(body, out_type, scratch, (b_, h_, t // (2 * ROWS)), ("b", "h", "q"), p)(q, k, v)
+
+
+# ----- dq -----
+
+def _dq(q, k, v, do, lse, delta, p: MosaicParams):
+  b_, t, h_, d = q.shape
+  s_len, kh_ = k.shape[1], k.shape[2]
+  g_ = h_ // kh_
+  bk, stages = p.blocks.dq_k, p.blocks.stages
+  c = p.scale * LOG2E
+  dtype = q.dtype
+
+  def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, q_sm, do_sm, lse_sm, delta_sm, k_sm, v_sm,
+           row_bar, k_bar, v_bar, free):
+    b, h, qi, wg = (lax.axis_index(n) for n in ("b", "h", "q", "wg"))
+    kh = lax.div(h, jnp.int32(g_))
+    steps = _cdiv((qi + 1) * (2 * ROWS), bk) if p.causal else s_len // bk
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      row0 = qi * (2 * ROWS) + wg * ROWS
+      qs, dos, lses, deltas = q_sm.at[wg], do_sm.at[wg], lse_sm.at[wg], delta_sm.at[wg]
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, ROWS), h], qs, row_bar.at[wg * 4])
+      plgpu.copy_gmem_to_smem(do_ref.at[b, pl.ds(row0, ROWS), h], dos, row_bar.at[wg * 4 + 1])
+      plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(row0, ROWS)], lses, row_bar.at[wg * 4 + 2])
+      plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(row0, ROWS)], deltas, row_bar.at[wg * 4 + 3])
+      for j in range(4):
+        plgpu.barrier_wait(row_bar.at[wg * 4 + j])
+      lse_r = plgpu.load(lses, layout=plgpu.Layout.WGMMA.reduce(1))
+      delta_r = plgpu.load(deltas, layout=plgpu.Layout.WGMMA.reduce(1))
+
+      def step(i, dq):
+        slot = lax.rem(i, jnp.int32(stages))
+        plgpu.barrier_wait(k_bar.at[slot])
+        s = _mma(None, qs, k_sm.at[slot].transpose((1, 0)), (ROWS, bk), p.interpret) * c
+        if p.causal:
+          s = _causal_mask(s, row0, i * bk)
+        pr = jnp.exp2(s - lax.broadcast_in_dim(lse_r, s.shape, [0]))
+        plgpu.barrier_wait(v_bar.at[slot])
+        dp = _mma(None, dos, v_sm.at[slot].transpose((1, 0)), (ROWS, bk), p.interpret)
+        ds = pr * (dp - lax.broadcast_in_dim(delta_r, dp.shape, [0]))
+        dq = _mma(dq, ds.astype(dtype), k_sm.at[slot], (ROWS, d), p.interpret)
+        plgpu.barrier_arrive(free.at[slot])
+        return dq
+
+      dq = lax.fori_loop(0, steps, step, _zeros((ROWS, d)))
+      qs[...] = (dq * p.scale).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(qs, dq_ref.at[b, pl.ds(row0, ROWS), h])
+      plgpu.wait_smem_to_gmem(0)
+
+    pl.when(wg == 2)(lambda: _producer(free, steps, stages,
+                                       _kv_copies(k_ref, v_ref, k_sm, v_sm, k_bar, v_bar, b, kh, bk)))
+
+  scratch = [plgpu.SMEM((2, ROWS, d), dtype, transforms=_tiles()),
+             plgpu.SMEM((2, ROWS, d), dtype, transforms=_tiles()),
+             plgpu.SMEM((2, ROWS), jnp.float32), plgpu.SMEM((2, ROWS), jnp.float32),
+             plgpu.SMEM((stages, bk, d), dtype, transforms=_tiles()),
+             plgpu.SMEM((stages, bk, d), dtype, transforms=_tiles()),
+             plgpu.Barrier(num_barriers=8), plgpu.Barrier(num_barriers=stages),
+             plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_arrivals=2, num_barriers=stages)]
+  return _kernel(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch, (b_, h_, t // (2 * ROWS)),
+                 ("b", "h", "q"), p)(q, k, v, do, lse, delta)
+
+
+# ----- dk, dv (and with fused_dq, dq) -----
+
+def _dkv(q, k, v, do, lse, delta, p: MosaicParams):
+  """dk, dv: each warpgroup keeps 64 keys' K and V and accumulates their dk, dv over every (query head of the
+  group, query block) step. Returns (dq, dk, dv) with dq None unless `fused_dq`: then the two warpgroups' dS^T
+  blocks meet in shared memory each step ([128 keys, bq queries], two slots), one warpgroup (in turn) multiplies
+  their transpose by the CTA's 128 keys, and TMA reduce-adds the [bq, D] product into an fp32 dq buffer."""
+  b_, t, h_, d = q.shape
+  s_len, kh_ = k.shape[1], k.shape[2]
+  g_ = h_ // kh_
+  bq, stages, fused = p.blocks.dkv_q, p.blocks.stages, p.blocks.fused_dq
+  nq = t // bq
+  c = p.scale * LOG2E
+  dtype = q.dtype
+
+  def body(*refs):
+    if fused:
+      (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, k_sm, v_sm, q_sm, do_sm, lse_sm,
+       delta_sm, ds_sm, dq_sm, kv_bar, q_bar, do_bar, lse_bar, delta_bar, free, ds_bar, end, *interp) = refs
+    else:
+      (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, k_sm, v_sm, q_sm, do_sm, lse_sm, delta_sm,
+       kv_bar, q_bar, do_bar, lse_bar, delta_bar, free) = refs
+    b, kh, ki, wg = (lax.axis_index(n) for n in ("b", "kh", "k", "wg"))
+    j0 = lax.div(ki * (2 * ROWS), jnp.int32(bq)) if p.causal else jnp.int32(0)
+    per_head = nq - j0
+    steps = g_ * per_head
+
+    def block(n):  # step n -> (query head, first query row)
+      return kh * g_ + lax.div(n, per_head), (j0 + lax.rem(n, per_head)) * bq
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      col0 = ki * (2 * ROWS) + wg * ROWS  # this warpgroup's first key
+      # fused: one [128, D] K buffer, since the dq product reads both warpgroups' keys. The other half has landed
+      # once the other warpgroup passes the first ds barrier: it waits for its own keys before the loop.
+      ks, vs = ((k_sm.at[pl.ds(wg * ROWS, ROWS)], v_sm.at[pl.ds(wg * ROWS, ROWS)]) if fused
+                else (k_sm.at[wg], v_sm.at[wg]))
+      plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(col0, ROWS), kh], ks, kv_bar.at[wg * 2])
+      plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(col0, ROWS), kh], vs, kv_bar.at[wg * 2 + 1])
+      plgpu.barrier_wait(kv_bar.at[wg * 2])
+      plgpu.barrier_wait(kv_bar.at[wg * 2 + 1])
+
+      def step(n, carry):
+        dk, dv = carry
+        slot = lax.rem(n, jnp.int32(stages))
+        head, row0 = block(n)
+        plgpu.barrier_wait(q_bar.at[slot])
+        plgpu.barrier_wait(lse_bar.at[slot])
+        st = _mma(None, ks, q_sm.at[slot].transpose((1, 0)), (ROWS, bq), p.interpret) * c  # [keys, queries]
+        if p.causal:
+          keys = plgpu.broadcasted_iota(jnp.int32, st.shape, 0, layout=plgpu.Layout.WGMMA) + col0
+          rows = plgpu.broadcasted_iota(jnp.int32, st.shape, 1, layout=plgpu.Layout.WGMMA) + row0
+          st = jnp.where(rows >= keys, st, MASKED)
+        lse_c = plgpu.load(lse_sm.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+        pt = jnp.exp2(st - lax.broadcast_in_dim(lse_c, st.shape, [1]))
+        plgpu.barrier_wait(do_bar.at[slot])
+        dv = _mma(dv, pt.astype(dtype), do_sm.at[slot], (ROWS, d), p.interpret)
+        dpt = _mma(None, vs, do_sm.at[slot].transpose((1, 0)), (ROWS, bq), p.interpret)
+        plgpu.barrier_wait(delta_bar.at[slot])
+        delta_c = plgpu.load(delta_sm.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+        dst = (pt * (dpt - lax.broadcast_in_dim(delta_c, dpt.shape, [1]))).astype(dtype)
+        dk = _mma(dk, dst, q_sm.at[slot], (ROWS, d), p.interpret)
+        plgpu.barrier_arrive(free.at[slot])  # q, dO, lse, delta of this slot are no longer read
+        if fused:
+          _dq_step(n, wg, head, row0, dst)
+        return dk, dv
+
+      def _dq_step(n, wg, head, row0, dst):
+        half = lax.rem(n, jnp.int32(2))
+        ds_sm.at[half, pl.ds(wg * ROWS, ROWS)][...] = dst
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(ds_bar.at[half])
+        plgpu.barrier_wait(ds_bar.at[half])
+
+        @pl.when(half == wg)
+        def _():
+          dq = _mma(None, ds_sm.at[half].transpose((1, 0)), k_sm, (bq, d), p.interpret) * p.scale
+          dst_ref = dq_ref.at[b, pl.ds(row0, bq), head]
+          if p.interpret:  # no TMA reduction in the interpreter: read, add, write (its grid runs sequentially)
+            tmp, bar = interp
+            plgpu.copy_gmem_to_smem(dst_ref, tmp, bar.at[wg])
+            plgpu.barrier_wait(bar.at[wg])
+            tmp[...] = tmp[...] + dq
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(tmp, dst_ref)
+            plgpu.wait_smem_to_gmem(0)
+          else:
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this warpgroup's previous reduce has read dq_sm
+            dq_sm.at[wg][...] = dq
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(dq_sm.at[wg], dst_ref, reduction_op="add")
+
+      dk, dv = lax.fori_loop(0, steps, step, (_zeros((ROWS, d)), _zeros((ROWS, d))))
+      if fused:
+        plgpu.wait_smem_to_gmem(0)
+        plgpu.barrier_arrive(end.at[0])  # the other warpgroup's last dq product may still read this half of k_sm
+        plgpu.barrier_wait(end.at[0])
+      ks[...] = (dk * p.scale).astype(dtype)
+      vs[...] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(ks, dk_ref.at[b, pl.ds(col0, ROWS), kh])
+      plgpu.copy_smem_to_gmem(vs, dv_ref.at[b, pl.ds(col0, ROWS), kh])
+      plgpu.wait_smem_to_gmem(0)
+
+    def copies(n, slot):
+      head, row0 = block(n)
+      rows = pl.ds(row0, bq)
+      plgpu.copy_gmem_to_smem(q_ref.at[b, rows, head], q_sm.at[slot], q_bar.at[slot])
+      plgpu.copy_gmem_to_smem(lse_ref.at[b, head, rows], lse_sm.at[slot], lse_bar.at[slot])
+      plgpu.copy_gmem_to_smem(do_ref.at[b, rows, head], do_sm.at[slot], do_bar.at[slot])
+      plgpu.copy_gmem_to_smem(delta_ref.at[b, head, rows], delta_sm.at[slot], delta_bar.at[slot])
+    pl.when(wg == 2)(lambda: _producer(free, steps, stages, copies))
+
+  kv_shape = (2 * ROWS, d) if fused else (2, ROWS, d)
+  buffers = [plgpu.SMEM(kv_shape, dtype, transforms=_tiles()), plgpu.SMEM(kv_shape, dtype, transforms=_tiles()),
+             plgpu.SMEM((stages, bq, d), dtype, transforms=_tiles()),
+             plgpu.SMEM((stages, bq, d), dtype, transforms=_tiles()),
+             plgpu.SMEM((stages, bq), jnp.float32), plgpu.SMEM((stages, bq), jnp.float32)]
+  barriers = [plgpu.Barrier(num_barriers=4), plgpu.Barrier(num_barriers=stages),
+              plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+              plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_arrivals=2, num_barriers=stages)]
+  out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
+  grid = (b_, kh_, s_len // (2 * ROWS))
+  if not fused:
+    return (None, *_kernel(body, out_type, buffers + barriers, grid, ("b", "kh", "k"), p)(q, k, v, do, lse, delta))
+  buffers += [plgpu.SMEM((2, 2 * ROWS, bq), dtype, transforms=_tiles()),  # dS^T of both warpgroups, two slots
+              plgpu.SMEM((1 if p.interpret else 2, bq, d), jnp.float32)]  # each warpgroup's dq block for the TMA
+  barriers += [plgpu.Barrier(num_arrivals=2, num_barriers=2), plgpu.Barrier(num_arrivals=2, num_barriers=1)]
+  if p.interpret:
+    barriers += [plgpu.SMEM((bq, d), jnp.float32), plgpu.Barrier(num_barriers=2)]
+  dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
+  dk, dv = _kernel(body, out_type, buffers + barriers, grid, ("b", "kh", "k"), p)(q, k, v, do, lse, delta, dq_acc)
+  return dq_acc[...], dk, dv
+
+
+# ----- custom VJP -----
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def mosaic_attention(q, k, v, params: MosaicParams):
+  """softmax(scale * q k^T) v per head with the Mosaic GPU kernels (see the module docstring and `unsupported`)."""
+  return _forward(q, k, v, params)[0]
+
+
+def _fwd(q, k, v, params):
+  o, lse = _forward(q, k, v, params)
+  return o, (q, k, v, o, lse)
+
+
+def _bwd(params, res, do):
+  q, k, v, o, lse = res
+  do = do.astype(q.dtype)
+  delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+  dq, dk, dv = _dkv(q, k, v, do, lse, delta, params)
+  dq = _dq(q, k, v, do, lse, delta, params) if dq is None else dq.astype(q.dtype)
+  return dq, dk, dv
+
+
+mosaic_attention.defvjp(_fwd, _bwd)
