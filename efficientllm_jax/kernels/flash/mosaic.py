@@ -167,20 +167,33 @@ def _kernel(body, out_type, scratch, grid, names, p: MosaicParams):
                       interpret=plgpu.InterpretGPUParams() if p.interpret else None)
 
 
+def _dims(q, k):
+  """(B, T, H, D, S, K, G) of q [B, T, H, D] and k [B, S, K, D]."""
+  b, t, h, d = q.shape
+  return b, t, h, d, k.shape[1], k.shape[2], h // k.shape[2]
+
+
+def _row_cta(g_: int, bk: int, s_len: int, causal: bool):
+  """Inside a forward / dq kernel: (batch, query head, row block, warpgroup, K/V head, key blocks to visit)."""
+  b, h, qi, wg = (lax.axis_index(n) for n in ("b", "h", "q", "wg"))
+  steps = _cdiv((qi + 1) * (2 * ROWS), bk) if causal else s_len // bk
+  return b, h, qi, wg, lax.div(h, jnp.int32(g_)), steps
+
+
+def _scores(qs, k_slot, row0, col0, bk: int, c: float, p: MosaicParams):
+  """c * q k^T for 64 query rows against a block of bk keys, causal mask applied (log2 units)."""
+  s = _mma(None, qs, k_slot.transpose((1, 0)), (ROWS, bk), p.interpret) * c
+  return _causal_mask(s, row0, col0) if p.causal else s
+
+
 # ----- forward -----
 
 def _forward(q, k, v, p: MosaicParams):
-  b_, t, h_, d = q.shape
-  s_len, kh_ = k.shape[1], k.shape[2]
-  g_ = h_ // kh_
-  bk, stages = p.blocks.fwd_k, p.blocks.stages
-  c = p.scale * LOG2E
-  dtype = q.dtype
+  b_, t, h_, d, s_len, kh_, g_ = _dims(q, k)
+  bk, stages, c, dtype = p.blocks.fwd_k, p.blocks.stages, p.scale * LOG2E, q.dtype
 
   def body(q_ref, k_ref, v_ref, o_ref, lse_ref, q_sm, k_sm, v_sm, lse_sm, q_bar, k_bar, v_bar, free):
-    b, h, qi, wg = (lax.axis_index(n) for n in ("b", "h", "q", "wg"))
-    kh = lax.div(h, jnp.int32(g_))
-    steps = _cdiv((qi + 1) * (2 * ROWS), bk) if p.causal else s_len // bk
+    b, h, qi, wg, kh, steps = _row_cta(g_, bk, s_len, p.causal)
 
     @pl.when(wg < 2)
     def _compute():
@@ -194,9 +207,7 @@ def _forward(q, k, v, p: MosaicParams):
         acc, m, l = carry
         slot = lax.rem(i, jnp.int32(stages))
         plgpu.barrier_wait(k_bar.at[slot])
-        s = _mma(None, qs, k_sm.at[slot].transpose((1, 0)), (ROWS, bk), p.interpret) * c
-        if p.causal:
-          s = _causal_mask(s, row0, i * bk)
+        s = _scores(qs, k_sm.at[slot], row0, i * bk, bk, c, p)
         m_new = jnp.maximum(m, s.max(axis=1))
         alpha = jnp.exp2(m - m_new)
         pr = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -231,18 +242,12 @@ def _forward(q, k, v, p: MosaicParams):
 # ----- dq -----
 
 def _dq(q, k, v, do, lse, delta, p: MosaicParams):
-  b_, t, h_, d = q.shape
-  s_len, kh_ = k.shape[1], k.shape[2]
-  g_ = h_ // kh_
-  bk, stages = p.blocks.dq_k, p.blocks.stages
-  c = p.scale * LOG2E
-  dtype = q.dtype
+  b_, t, h_, d, s_len, kh_, g_ = _dims(q, k)
+  bk, stages, c, dtype = p.blocks.dq_k, p.blocks.stages, p.scale * LOG2E, q.dtype
 
   def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, q_sm, do_sm, lse_sm, delta_sm, k_sm, v_sm,
            row_bar, k_bar, v_bar, free):
-    b, h, qi, wg = (lax.axis_index(n) for n in ("b", "h", "q", "wg"))
-    kh = lax.div(h, jnp.int32(g_))
-    steps = _cdiv((qi + 1) * (2 * ROWS), bk) if p.causal else s_len // bk
+    b, h, qi, wg, kh, steps = _row_cta(g_, bk, s_len, p.causal)
 
     @pl.when(wg < 2)
     def _compute():
@@ -261,9 +266,7 @@ def _dq(q, k, v, do, lse, delta, p: MosaicParams):
       def step(i, dq):
         slot = lax.rem(i, jnp.int32(stages))
         plgpu.barrier_wait(k_bar.at[slot])
-        s = _mma(None, qs, k_sm.at[slot].transpose((1, 0)), (ROWS, bk), p.interpret) * c
-        if p.causal:
-          s = _causal_mask(s, row0, i * bk)
+        s = _scores(qs, k_sm.at[slot], row0, i * bk, bk, c, p)
         pr = jnp.exp2(s - lax.broadcast_in_dim(lse_r, s.shape, [0]))
         plgpu.barrier_wait(v_bar.at[slot])
         dp = _mma(None, dos, v_sm.at[slot].transpose((1, 0)), (ROWS, bk), p.interpret)
@@ -299,9 +302,7 @@ def _dkv(q, k, v, do, lse, delta, p: MosaicParams):
   group, query block) step. Returns (dq, dk, dv) with dq None unless `fused_dq`: then the two warpgroups' dS^T
   blocks meet in shared memory each step ([128 keys, bq queries], two slots), one warpgroup (in turn) multiplies
   their transpose by the CTA's 128 keys, and TMA reduce-adds the [bq, D] product into an fp32 dq buffer."""
-  b_, t, h_, d = q.shape
-  s_len, kh_ = k.shape[1], k.shape[2]
-  g_ = h_ // kh_
+  b_, t, h_, d, s_len, kh_, g_ = _dims(q, k)
   bq, stages, fused = p.blocks.dkv_q, p.blocks.stages, p.blocks.fused_dq
   nq = t // bq
   c = p.scale * LOG2E
