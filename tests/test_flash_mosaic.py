@@ -81,6 +81,12 @@ def test_unsupported_names_the_reason():
   q4, k4, v4, _ = _qkv(0, 1, 256, 4, 2, 96)
   assert "head dims of 64 or 128 (got 96 / 96)" in mosaic.unsupported(q4, k4, v4)
   assert "bf16 / fp16" in mosaic.unsupported(*(x.astype(jnp.float32) for x in (q, k, v)))
+  p = mosaic.MosaicParams(scale=0.125, causal=True, interpret=True)
+  with pytest.raises(ValueError, match=r"multiple of 128 \(got T=200, S=200\)"):
+    mosaic.mosaic_attention(q3, k3, v3, p)
+  bad = mosaic.MosaicParams(scale=0.125, causal=True, blocks=mosaic.MosaicBlocks(dq_k=32), interpret=True)
+  with pytest.raises(ValueError, match="must be 64 or 128 \\(got 128 / 32 / 64\\)"):
+    mosaic.mosaic_attention(q, k, v, bad)
 
 
 @pytest.mark.gpu

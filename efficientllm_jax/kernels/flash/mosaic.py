@@ -431,9 +431,22 @@ def _dkv(q, k, v, do, lse, delta, p: MosaicParams):
 
 # ----- custom VJP -----
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def mosaic_attention(q, k, v, params: MosaicParams):
-  """softmax(scale * q k^T) v per head with the Mosaic GPU kernels (see the module docstring and `unsupported`)."""
+  """softmax(scale * q k^T) v per head with the Mosaic GPU kernels (see the module docstring); raises ValueError
+  with the reason for a call they cannot take (`unsupported`, block sizes other than 64 / 128)."""
+  why = unsupported(q, k, v)
+  blocks = params.blocks
+  if why is None and not {blocks.fwd_k, blocks.dq_k, blocks.dkv_q} <= {64, 128}:
+    why = f"MosaicBlocks fwd_k / dq_k / dkv_q must be 64 or 128 (got {blocks.fwd_k} / {blocks.dq_k} / {blocks.dkv_q})"
+  if why is None and blocks.stages < 1:
+    why = f"MosaicBlocks.stages must be at least 1 (got {blocks.stages})"
+  if why:
+    raise ValueError(why)
+  return _attention(q, k, v, params)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q, k, v, params: MosaicParams):
   return _forward(q, k, v, params)[0]
 
 
@@ -451,4 +464,4 @@ def _bwd(params, res, do):
   return dq, dk, dv
 
 
-mosaic_attention.defvjp(_fwd, _bwd)
+_attention.defvjp(_fwd, _bwd)
