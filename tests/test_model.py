@@ -65,3 +65,30 @@ def test_logical_axis_names_on_parameters():
   assert model.embed.embedding.sharding_names == ("vocab", "embed")
   assert model.blocks.attn.q.kernel.sharding_names == ("layers", "embed", "heads", "head_dim")
   assert model.blocks.ffn.down.kernel.sharding_names == ("layers", "mlp", "embed")
+
+
+def test_bias_added_and_its_gradient_summed_in_fp32():
+  """layers.Dense with bf16 compute: the output is bf16(x @ W + b) with b added in fp32, and the bias gradient
+  (a sum over every token) is reduced from an fp32 cotangent, so its value matches float64 over 4096 tokens."""
+  from efficientllm_jax.models import layers
+  cfg = tiny_config(**{"model.dtype": "bfloat16"})
+  lin = layers.dense(32, (4, 8), ("embed", "heads", "head_dim"), cfg=cfg, rngs=nnx.Rngs(0), use_bias=True)
+  rng = np.random.default_rng(0)
+  lin.bias[...] = jnp.asarray(rng.normal(size=(4, 8)) * 3, jnp.float32)
+  x = jnp.asarray(rng.normal(size=(4096, 32)), jnp.bfloat16)
+  g = jnp.asarray(rng.normal(size=(4096, 4, 8)) + 0.5, jnp.bfloat16)  # a mean far from 0: bf16 sums drift
+  y = lin(x)
+  assert y.dtype == jnp.bfloat16
+  exact = np.asarray(x, np.float64) @ np.asarray(lin.kernel[...], np.float64).reshape(32, 32) \
+      + np.asarray(lin.bias[...], np.float64).reshape(32)
+  np.testing.assert_allclose(np.asarray(y, np.float64).reshape(4096, 32), exact, rtol=1e-2, atol=2e-2)
+
+  graph, state = nnx.split(lin)
+
+  def loss(state):
+    return jnp.sum(nnx.merge(graph, state)(x).astype(jnp.float32) * g.astype(jnp.float32))
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(state)
+  sums = [e for e in jaxpr.eqns if e.primitive.name == "reduce_sum" and e.outvars[0].aval.shape == (4, 8)]
+  assert sums and all(e.invars[0].aval.dtype == jnp.float32 for e in sums), [str(e) for e in sums]
+  db = np.asarray(jax.jit(jax.grad(loss))(state)["bias"][...], np.float64)
+  np.testing.assert_allclose(db, np.asarray(g, np.float64).sum(0), rtol=1e-5)
