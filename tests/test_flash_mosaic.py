@@ -39,8 +39,7 @@ def _out_and_grads(fn, q, k, v, do):
 
 @pytest.mark.parametrize("t,h,kvh,d,causal,fused", [
     (256, 2, 1, 64, True, False),  # GQA (2 query heads per K/V head), causal, the separate dq kernel (default)
-    (128, 2, 1, 64, True, True),  # dq by reduce-add inside the dk / dv kernel
-    (128, 1, 1, 128, False, False),  # no mask, d 128
+    (128, 2, 1, 128, False, True),  # no mask, d 128, dq by reduce-add inside the dk / dv kernel
 ])
 def test_interpret_matches_reference(t, h, kvh, d, causal, fused):
   """bf16 inputs against the fp32 reference at bf16 tolerance. At T = 256 two CTAs run along the sequence, so the
