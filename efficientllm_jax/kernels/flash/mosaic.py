@@ -70,7 +70,7 @@ class MosaicParams:
 
 def unsupported(q, k, v, *, window: int = 0, q_offset: int = 0, bias=None) -> str | None:
   """Why the Mosaic kernels cannot take this call (None: they can)."""
-  b, t, h, d = q.shape
+  _, t, h, d = q.shape
   s, kh = k.shape[1], k.shape[2]
   if bias is not None or window or q_offset:
     return "the Mosaic GPU kernels take no bias, window or query offset"
@@ -189,7 +189,7 @@ def _scores(qs, k_slot, row0, col0, bk: int, c: float, p: MosaicParams):
 # ----- forward -----
 
 def _forward(q, k, v, p: MosaicParams):
-  b_, t, h_, d, s_len, kh_, g_ = _dims(q, k)
+  b_, t, h_, d, s_len, _, g_ = _dims(q, k)
   bk, stages, c, dtype = p.blocks.fwd_k, p.blocks.stages, p.scale * LOG2E, q.dtype
 
   def body(q_ref, k_ref, v_ref, o_ref, lse_ref, q_sm, k_sm, v_sm, lse_sm, q_bar, k_bar, v_bar, free):
@@ -242,7 +242,7 @@ def _forward(q, k, v, p: MosaicParams):
 # ----- dq -----
 
 def _dq(q, k, v, do, lse, delta, p: MosaicParams):
-  b_, t, h_, d, s_len, kh_, g_ = _dims(q, k)
+  b_, t, h_, d, s_len, _, g_ = _dims(q, k)
   bk, stages, c, dtype = p.blocks.dq_k, p.blocks.stages, p.scale * LOG2E, q.dtype
 
   def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, q_sm, do_sm, lse_sm, delta_sm, k_sm, v_sm,
@@ -302,7 +302,7 @@ def _dkv(q, k, v, do, lse, delta, p: MosaicParams):
   group, query block) step. Returns (dq, dk, dv) with dq None unless `fused_dq`: then the two warpgroups' dS^T
   blocks meet in shared memory each step ([128 keys, bq queries], two slots), one warpgroup (in turn) multiplies
   their transpose by the CTA's 128 keys, and TMA reduce-adds the [bq, D] product into an fp32 dq buffer."""
-  b_, t, h_, d, s_len, kh_, g_ = _dims(q, k)
+  b_, t, _, d, s_len, kh_, g_ = _dims(q, k)
   bq, stages, fused = p.blocks.dkv_q, p.blocks.stages, p.blocks.fused_dq
   nq = t // bq
   c = p.scale * LOG2E
