@@ -108,9 +108,15 @@ def impls_for(args, dqk: int, window: int, h: int) -> dict[str, Callable]:
       fns[tag] = functools.partial(ops.pallas_attention, scale=scale, window=window, blocks=blk, bias=bias)
   if "xla" in names:
     fns["xla"] = functools.partial(ops.xla_attention, scale=scale, window=window, bias=bias)
-  if "mosaic" in names and not window and bias is None:  # causal, no bias / window (kernels/flash/mosaic.py)
+  if "mosaic" in names:  # kernels/flash/mosaic.py: causal, no bias or window (a case it cannot take is an error row)
     params = mosaic.MosaicParams(scale=scale, causal=True)
-    fns["mosaic"] = lambda q, k, v: mosaic.mosaic_attention(q, k, v, params)  # noqa: E731
+
+    def mosaic_fn(q, k, v):
+      why = mosaic.unsupported(q, k, v, window=window, bias=bias)
+      if why:
+        raise ValueError(why)
+      return mosaic.mosaic_attention(q, k, v, params)
+    fns["mosaic"] = mosaic_fn
   fns.update(EXTRA)
   return fns
 

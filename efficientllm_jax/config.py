@@ -22,6 +22,7 @@ EXPERT_PARALLEL = ("auto", "shard_map", "gspmd")  # moe.expert_parallel (models/
 EP_EXCHANGES = ("auto", "ragged_all_to_all", "all_to_all")  # moe.ep_exchange
 REMAT_POLICIES = ("none", "full", "dots", "dots_attention", "dots_kernels")  # models/remat.py
 DTYPES = ("float32", "bfloat16", "float16")
+LOGITS_DTYPES = ("float32", "bfloat16")  # train.logits_dtype (train/loss.py)
 TOKENIZERS = ("bpe", "bytes")
 DATA_SOURCES = ("embedded", "arrayrecord")
 
@@ -137,7 +138,7 @@ def validate_train(c) -> None:
               "train.loss_chunk"):
     _non_negative(c, key)
   logits_dtype = _get(c, "train.logits_dtype")
-  if logits_dtype not in ("float32", "bfloat16"):
+  if logits_dtype not in LOGITS_DTYPES:
     raise ConfigError(f"train.logits_dtype={logits_dtype!r} is not float32 or bfloat16: set "
                       "--config.train.logits_dtype=float32 (default) or bfloat16 (half the loss's logits traffic)")
   lr, min_lr = _non_negative(c, "train.lr"), _non_negative(c, "train.min_lr")

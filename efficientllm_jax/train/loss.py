@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from efficientllm_jax.config import LOGITS_DTYPES
 from efficientllm_jax.parallel import sharding as sh
 
 
-LOGITS_DTYPES = ("float32", "bfloat16")
 _FLOOR = float(jnp.finfo(jnp.float32).min)  # the running max's start: finite, so exp(start - start) is 1, not NaN
 
 
