@@ -422,10 +422,11 @@ def _dkv(q, k, v, do, lse, delta, p: MosaicParams):
   buffers += [plgpu.SMEM((2, 2 * ROWS, bq), dtype, transforms=_tiles()),  # dS^T of both warpgroups, two slots
               plgpu.SMEM((1 if p.interpret else 2, bq, d), jnp.float32)]  # each warpgroup's dq block for the TMA
   barriers += [plgpu.Barrier(num_arrivals=2, num_barriers=2), plgpu.Barrier(num_arrivals=2, num_barriers=1)]
-  if p.interpret:
-    barriers += [plgpu.SMEM((bq, d), jnp.float32), plgpu.Barrier(num_barriers=2)]
+  # the interpreter's read-add-write of a dq block: a staging buffer and its load barrier per warpgroup
+  interp = [plgpu.SMEM((bq, d), jnp.float32), plgpu.Barrier(num_barriers=2)] if p.interpret else []
   dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
-  dk, dv = _kernel(body, out_type, buffers + barriers, grid, ("b", "kh", "k"), p)(q, k, v, do, lse, delta, dq_acc)
+  dk, dv = _kernel(body, out_type, buffers + barriers + interp, grid, ("b", "kh", "k"), p)(
+      q, k, v, do, lse, delta, dq_acc)
   return dq_acc[...], dk, dv
 
 
