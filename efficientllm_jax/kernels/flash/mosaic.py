@@ -13,19 +13,31 @@ warpgroups arrive on when they are done with it; the producer waits on "free" be
   dk / dv  CTA = (b, kv head, 128 keys)  streams Q, dO, lse, delta blocks of `dkv_q` rows for every query head of
            the group in turn, so dk and dv sum the G heads in registers (GQA-native, no reduction afterwards)
 
-Causal loops stop at the diagonal (forward, dq) or start there (dk / dv); a block that straddles it is masked
-with a finite large negative logit, so a fully masked row of a block contributes exp2(...) = 0 once a real key
-has been seen (each row sees key 0 first). Both compute warpgroups run the same number of steps: one of them may
-run a block that is masked for all its rows, which costs a step but keeps the barrier phases of the two in lock
-step.
+Causal loops stop at the diagonal (forward, dq) or start there (dk / dv). Each loop runs in two parts: blocks
+wholly on the visible side first, unmasked, then the blocks that straddle the diagonal, masked with a finite large
+negative logit, so a fully masked row of a block contributes exp2(...) = 0 once a real key has been seen (each row
+sees key 0 first). Both compute warpgroups run the same number of steps: one of them may run a block that is
+masked for all its rows, which costs a step but keeps the barrier phases of the two in lock step.
+
+Scheduling (each choice measured on an H200, benchmarks/RESULTS.md, session 7):
+  - forward: FlashAttention-3's ping-pong. The two compute warpgroups take turns over a barrier of two arrivals,
+    so one warpgroup's softmax runs while the other's q k^T and p v run. With the unmasked fast path it made the
+    forward 1.05-1.13x cuDNN (session 6: 0.83-0.99x). The same ping-pong in the dq and dk / dv kernels made the
+    backward slower (0.88x -> 0.75x at d 128) and is not used there.
+  - independent products are issued together and waited for once (`_mma_group`): q k^T with dO v^T in dq,
+    k q^T with v dO^T and then dv with dk in dk / dv.
+  - `overlap`: dS^T is formed while dv's product runs (d 128: 0.94x against 0.92x; d 64 fused: 0.87x against
+    0.91x without it).
 
 The default backward takes seven matmuls: dq and dk / dv recompute the logits separately, as JAX's stock Mosaic
-GPU attention does for its non-causal backward. `MosaicBlocks(fused_dq=True)` takes FlashAttention-3's five.
-There one dk / dv kernel also forms dS^T for both warpgroups in shared memory, and one warpgroup per step (in
-turn) multiplies its transpose by the CTA's keys. The resulting [64, D] dq block is added into an fp32 buffer by a
-TMA reduce-add. On an H200 at 8K it was faster at d 64 (5.86 against 6.01 ms forward+backward, 14/2 heads, B 4)
-and slower at d 128 (6.34 against 4.28 ms, 12/2, B 2). The d 128 loss is not profiled; the per-step dS exchange,
-which makes the two warpgroups wait for each other, is the likely cause. See benchmarks/RESULTS.md, session 6.
+GPU attention does for its non-causal backward. `MosaicBlocks(fused_dq=True)` takes FlashAttention-3's five: the
+dk / dv kernel also writes each warpgroup's dS^T block into shared memory, and the [bq, 128 keys] dS is multiplied
+by the CTA's keys. At d 128 each warpgroup takes half of D (FlashAttention-3's split), at d 64 one warpgroup per
+step takes all of it, in turn. The product is added into an fp32 dq buffer (a `jax.new_ref`) by a TMA reduce-add.
+Measured at 8K: the fused backward is the faster at d 64 (0.91x cuDNN against 0.81x); at d 128 its dk / dv kernel
+spills registers (~300 bytes, `MOSAIC_GPU_DUMP_PTXAS=1`: dk, dv accumulators of 64 x 128 fp32 each plus P^T,
+dP^T and the dq block) and it is the slower (0.79x against 0.88x). models/attention/ops.py `mosaic_blocks` picks
+per head dim.
 
 CPU: `interpret=True` runs the same kernels in Pallas' GPU interpret mode (threads, barriers and TMA simulated).
 Its wgmma reads both operands from shared memory and it cannot run `pl.run_state` over a wgmma accumulator, so
@@ -58,6 +70,7 @@ class MosaicBlocks:
   dkv_q: int = 64  # query rows per dk / dv step
   stages: int = 2  # ring slots per streamed operand
   fused_dq: bool = False  # backward: dq inside the dk / dv kernel (TMA reduce-add) instead of its own kernel
+  overlap: bool = True  # dk / dv: form dS^T while dv's product runs (measured: faster at d 128, slower at d 64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +117,20 @@ def _mma(acc, a, b, shape, interpret: bool):
   def into(ref):
     plgpu.wgmma(ref, a, b)
   return pl.run_state(into)(plgpu.ACC.init(acc))
+
+
+def _mma_group(products, interpret: bool):
+  """Several products `(acc, a, b, shape)` (as `_mma`) issued back to back and waited for once, so the tensor
+  cores run them without a wait in between. An `a` that is a callable is called just before its product is
+  issued, so its work (and any wait in it) overlaps the products issued before. Returns the results in order."""
+  if interpret:
+    return tuple(_mma(acc, a() if callable(a) else a, b, shape, interpret) for acc, a, b, shape in products)
+
+  def issue(refs):
+    for ref, (_, a, b, _) in zip(refs, products):
+      plgpu.wgmma(ref, a() if callable(a) else a, b)
+  inits = tuple(plgpu.ACC.init(acc if acc is not None else _zeros(shape)) for acc, _, _, shape in products)
+  return tuple(pl.run_state(issue)(inits))
 
 
 def _row_vec(value, n):
@@ -180,20 +207,18 @@ def _row_cta(g_: int, bk: int, s_len: int, causal: bool):
   return b, h, qi, wg, lax.div(h, jnp.int32(g_)), steps
 
 
-def _scores(qs, k_slot, row0, col0, bk: int, c: float, p: MosaicParams):
-  """c * q k^T for 64 query rows against a block of bk keys, causal mask applied (log2 units)."""
-  s = _mma(None, qs, k_slot.transpose((1, 0)), (ROWS, bk), p.interpret) * c
-  return _causal_mask(s, row0, col0) if p.causal else s
-
-
 # ----- forward -----
 
 def _forward(q, k, v, p: MosaicParams):
   b_, t, h_, d, s_len, _, g_ = _dims(q, k)
   bk, stages, c, dtype = p.blocks.fwd_k, p.blocks.stages, p.scale * LOG2E, q.dtype
 
-  def body(q_ref, k_ref, v_ref, o_ref, lse_ref, q_sm, k_sm, v_sm, lse_sm, q_bar, k_bar, v_bar, free):
+  def body(q_ref, k_ref, v_ref, o_ref, lse_ref, q_sm, k_sm, v_sm, lse_sm, q_bar, k_bar, v_bar, free, turn_bar):
     b, h, qi, wg, kh, steps = _row_cta(g_, bk, s_len, p.causal)
+
+    def turn():  # ping-pong: both warpgroups pass this point together (see the loop below)
+      plgpu.barrier_arrive(turn_bar)
+      plgpu.barrier_wait(turn_bar)
 
     @pl.when(wg < 2)
     def _compute():
@@ -203,22 +228,46 @@ def _forward(q, k, v, p: MosaicParams):
       plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, ROWS), h], qs, q_bar.at[wg])
       plgpu.barrier_wait(q_bar.at[wg])
 
-      def step(i, carry):
+      # The two warpgroups take turns on the tensor cores (FlashAttention-3's ping-pong): warpgroup 1 starts one
+      # turn behind, so one warpgroup's softmax runs while the other's two products run. Every step takes two
+      # turns per warpgroup: after issuing q k^T, and between its softmax and p v.
+      pl.when(wg == 1)(turn)
+
+      def step(i, carry, masked: bool):
         acc, m, l = carry
         slot = lax.rem(i, jnp.int32(stages))
         plgpu.barrier_wait(k_bar.at[slot])
-        s = _scores(qs, k_sm.at[slot], row0, i * bk, bk, c, p)
+        if p.interpret:
+          s = _mma(None, qs, k_sm.at[slot].transpose((1, 0)), (ROWS, bk), True)
+          turn()
+        else:
+          def qk(ref):
+            plgpu.wgmma(ref, qs, k_sm.at[slot].transpose((1, 0)))
+            turn()
+            return ref[...]
+          s = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
+        s = s * c
+        if masked:
+          s = _causal_mask(s, row0, i * bk)
         m_new = jnp.maximum(m, s.max(axis=1))
         alpha = jnp.exp2(m - m_new)
         pr = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
         l = l * alpha + pr.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        plgpu.barrier_arrive(turn_bar)
         plgpu.barrier_wait(v_bar.at[slot])
+        plgpu.barrier_wait(turn_bar)
         acc = _mma(acc, pr.astype(dtype), v_sm.at[slot], (ROWS, d), p.interpret)
         plgpu.barrier_arrive(free.at[slot])
         return acc, m_new, l
 
-      acc, m, l = lax.fori_loop(0, steps, step, (_zeros((ROWS, d)), _row_vec(MASKED, ROWS), _row_vec(0.0, ROWS)))
+      carry = (_zeros((ROWS, d)), _row_vec(MASKED, ROWS), _row_vec(0.0, ROWS))
+      # causal: blocks wholly at or below the diagonal need no mask (the two warpgroups differ in how many, and
+      # run the same number of steps in all)
+      full = lax.div(row0, jnp.int32(bk)) if p.causal else steps
+      carry = lax.fori_loop(0, full, functools.partial(step, masked=False), carry)
+      acc, m, l = lax.fori_loop(full, steps, functools.partial(step, masked=True), carry)
+      pl.when(wg == 0)(turn)
       qs[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
       lse_sm.at[wg][...] = m + jnp.log2(l)
       plgpu.commit_smem()
@@ -234,7 +283,7 @@ def _forward(q, k, v, p: MosaicParams):
              plgpu.SMEM((stages, bk, d), dtype, transforms=_tiles()),
              plgpu.SMEM((2, ROWS), jnp.float32),
              plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-             plgpu.Barrier(num_arrivals=2, num_barriers=stages)]
+             plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_arrivals=2)]
   out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((b_, h_, t), jnp.float32))
   return _kernel(body, out_type, scratch, (b_, h_, t // (2 * ROWS)), ("b", "h", "q"), p)(q, k, v)
 
@@ -263,19 +312,25 @@ def _dq(q, k, v, do, lse, delta, p: MosaicParams):
       lse_r = plgpu.load(lses, layout=plgpu.Layout.WGMMA.reduce(1))
       delta_r = plgpu.load(deltas, layout=plgpu.Layout.WGMMA.reduce(1))
 
-      def step(i, dq):
+      def step(i, dq, masked: bool):
         slot = lax.rem(i, jnp.int32(stages))
         plgpu.barrier_wait(k_bar.at[slot])
-        s = _scores(qs, k_sm.at[slot], row0, i * bk, bk, c, p)
-        pr = jnp.exp2(s - lax.broadcast_in_dim(lse_r, s.shape, [0]))
         plgpu.barrier_wait(v_bar.at[slot])
-        dp = _mma(None, dos, v_sm.at[slot].transpose((1, 0)), (ROWS, bk), p.interpret)
+        # q k^T and dO v^T issued together, one wait
+        s, dp = _mma_group([(None, qs, k_sm.at[slot].transpose((1, 0)), (ROWS, bk)),
+                            (None, dos, v_sm.at[slot].transpose((1, 0)), (ROWS, bk))], p.interpret)
+        s = s * c
+        if masked:
+          s = _causal_mask(s, row0, i * bk)
+        pr = jnp.exp2(s - lax.broadcast_in_dim(lse_r, s.shape, [0]))
         ds = pr * (dp - lax.broadcast_in_dim(delta_r, dp.shape, [0]))
         dq = _mma(dq, ds.astype(dtype), k_sm.at[slot], (ROWS, d), p.interpret)
         plgpu.barrier_arrive(free.at[slot])
         return dq
 
-      dq = lax.fori_loop(0, steps, step, _zeros((ROWS, d)))
+      full = lax.div(row0, jnp.int32(bk)) if p.causal else steps  # blocks that need no causal mask
+      dq = lax.fori_loop(0, full, functools.partial(step, masked=False), _zeros((ROWS, d)))
+      dq = lax.fori_loop(full, steps, functools.partial(step, masked=True), dq)
       qs[...] = (dq * p.scale).astype(dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(qs, dq_ref.at[b, pl.ds(row0, ROWS), h])
@@ -300,10 +355,13 @@ def _dq(q, k, v, do, lse, delta, p: MosaicParams):
 def _dkv(q, k, v, do, lse, delta, p: MosaicParams):
   """dk, dv: each warpgroup keeps 64 keys' K and V and accumulates their dk, dv over every (query head of the
   group, query block) step. Returns (dq, dk, dv) with dq None unless `fused_dq`: then the two warpgroups' dS^T
-  blocks meet in shared memory each step ([128 keys, bq queries], two slots), one warpgroup (in turn) multiplies
-  their transpose by the CTA's 128 keys, and TMA reduce-adds the [bq, D] product into an fp32 dq buffer."""
+  blocks meet in shared memory each step ([128 keys, bq queries], two slots) and their transpose is multiplied by
+  the CTA's 128 keys: at d 128 each warpgroup takes half of D (FlashAttention-3's split), at d 64 one warpgroup
+  takes all of it, in turn. A TMA reduce-add puts the product into an fp32 dq buffer."""
   b_, t, _, d, s_len, kh_, g_ = _dims(q, k)
   bq, stages, fused = p.blocks.dkv_q, p.blocks.stages, p.blocks.fused_dq
+  split = fused and d == 128  # the dq product's columns: half of D per warpgroup, or all of it in turn
+  dq_cols = d // 2 if split else d
   nq = t // bq
   c = p.scale * LOG2E
   dtype = q.dtype
@@ -336,57 +394,101 @@ def _dkv(q, k, v, do, lse, delta, p: MosaicParams):
       plgpu.barrier_wait(kv_bar.at[wg * 2])
       plgpu.barrier_wait(kv_bar.at[wg * 2 + 1])
 
-      def step(n, carry):
+      def step(m, carry, head_i, masked: bool):
         dk, dv = carry
+        n = head_i * per_head + m
         slot = lax.rem(n, jnp.int32(stages))
         head, row0 = block(n)
         plgpu.barrier_wait(q_bar.at[slot])
-        plgpu.barrier_wait(lse_bar.at[slot])
-        st = _mma(None, ks, q_sm.at[slot].transpose((1, 0)), (ROWS, bq), p.interpret) * c  # [keys, queries]
-        if p.causal:
+        plgpu.barrier_wait(do_bar.at[slot])
+        # k q^T and v dO^T issued together, one wait
+        st, dpt = _mma_group([(None, ks, q_sm.at[slot].transpose((1, 0)), (ROWS, bq)),
+                              (None, vs, do_sm.at[slot].transpose((1, 0)), (ROWS, bq))], p.interpret)
+        st = st * c  # [keys, queries]
+        if masked:
           keys = plgpu.broadcasted_iota(jnp.int32, st.shape, 0, layout=plgpu.Layout.WGMMA) + col0
           rows = plgpu.broadcasted_iota(jnp.int32, st.shape, 1, layout=plgpu.Layout.WGMMA) + row0
           st = jnp.where(rows >= keys, st, MASKED)
+        plgpu.barrier_wait(lse_bar.at[slot])
         lse_c = plgpu.load(lse_sm.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
         pt = jnp.exp2(st - lax.broadcast_in_dim(lse_c, st.shape, [1]))
-        plgpu.barrier_wait(do_bar.at[slot])
-        dv = _mma(dv, pt.astype(dtype), do_sm.at[slot], (ROWS, d), p.interpret)
-        dpt = _mma(None, vs, do_sm.at[slot].transpose((1, 0)), (ROWS, bq), p.interpret)
-        plgpu.barrier_wait(delta_bar.at[slot])
-        delta_c = plgpu.load(delta_sm.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-        dst = (pt * (dpt - lax.broadcast_in_dim(delta_c, dpt.shape, [1]))).astype(dtype)
-        dk = _mma(dk, dst, q_sm.at[slot], (ROWS, d), p.interpret)
+        half = lax.rem(n, jnp.int32(2))  # fused: this step's dS^T slot
+
+        def ds_t():  # dS^T [keys, queries]; fused: also into shared memory for the dq product
+          plgpu.barrier_wait(delta_bar.at[slot])
+          delta_c = plgpu.load(delta_sm.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+          dst = (pt * (dpt - lax.broadcast_in_dim(delta_c, dpt.shape, [1]))).astype(dtype)
+          if fused:
+            ds_sm.at[half, pl.ds(wg * ROWS, ROWS)][...] = dst
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(ds_bar.at[half])
+          return dst
+
+        def ds_both():  # fused: dS [bq, 128 keys] of both warpgroups, once the other one's half has landed
+          plgpu.barrier_wait(ds_bar.at[half])
+          return ds_sm.at[half].transpose((1, 0))
+
+        # dv's product runs while dS^T is formed, then dk's (and with the split dq, this warpgroup's half of
+        # dq = dS @ K[:, its half of D]); one wait for all
+        pt16 = pt.astype(dtype)
+        products = [(dv, pt16, do_sm.at[slot], (ROWS, d)),
+                    (dk, ds_t if p.blocks.overlap else ds_t(), q_sm.at[slot], (ROWS, d))]
+        if split:
+          cols = pl.ds(wg * dq_cols, dq_cols)
+          dq_block = (b, pl.ds(row0, bq), head, cols)
+          if p.interpret:
+            dv, dk = _mma_group(products, True)
+            _dq_out(_mma(None, ds_both(), k_sm.at[:, cols], (bq, dq_cols), True), wg, dq_ref.at[dq_block])
+          else:
+            def issue(refs):
+              # the dq accumulator is allocated only here, once dS^T is formed and pt, dpt are dead (allocated
+              # up front beside dv and dk it spilled 496 bytes at d 128; here 344, still too many)
+              for ref, (_, a, b_op, _) in zip(refs, products):
+                plgpu.wgmma(ref, a() if callable(a) else a, b_op)
+              ds = ds_both()
+
+              def dq_product(acc):
+                plgpu.wgmma(acc, ds, k_sm.at[:, cols])
+                _dq_out(acc[...], wg, dq_ref.at[dq_block])  # reading acc waits for all three products
+              pl.run_scoped(dq_product, plgpu.ACC((bq, dq_cols), jnp.float32))
+            dv, dk = pl.run_state(issue)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+        else:
+          dv, dk = _mma_group(products, p.interpret)
         plgpu.barrier_arrive(free.at[slot])  # q, dO, lse, delta of this slot are no longer read
-        if fused:
-          _dq_step(n, wg, head, row0, dst)
+        if fused and not split:
+          ds_both()
+
+          @pl.when(half == wg)
+          def _():
+            dq = _mma(None, ds_sm.at[half].transpose((1, 0)), k_sm, (bq, d), p.interpret)
+            _dq_out(dq, wg, dq_ref.at[b, pl.ds(row0, bq), head])
         return dk, dv
 
-      def _dq_step(n, wg, head, row0, dst):
-        half = lax.rem(n, jnp.int32(2))
-        ds_sm.at[half, pl.ds(wg * ROWS, ROWS)][...] = dst
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(ds_bar.at[half])
-        plgpu.barrier_wait(ds_bar.at[half])
+      def _dq_out(dq, wg, dst_ref):
+        """Adds this warpgroup's dq block (fp32 registers) into dq_ref's block."""
+        dq = dq * p.scale
+        if p.interpret:  # no TMA reduction in the interpreter: read, add, write (its grid runs sequentially)
+          tmp, (bar,) = dq_sm, interp
+          plgpu.copy_gmem_to_smem(dst_ref, tmp.at[wg], bar.at[wg])
+          plgpu.barrier_wait(bar.at[wg])
+          tmp.at[wg][...] = tmp.at[wg][...] + dq
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(tmp.at[wg], dst_ref)
+          plgpu.wait_smem_to_gmem(0)
+        else:
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this warpgroup's previous reduce has read dq_sm
+          dq_sm.at[wg][...] = dq
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(dq_sm.at[wg], dst_ref, reduction_op="add")
 
-        @pl.when(half == wg)
-        def _():
-          dq = _mma(None, ds_sm.at[half].transpose((1, 0)), k_sm, (bq, d), p.interpret) * p.scale
-          dst_ref = dq_ref.at[b, pl.ds(row0, bq), head]
-          if p.interpret:  # no TMA reduction in the interpreter: read, add, write (its grid runs sequentially)
-            tmp, bar = interp
-            plgpu.copy_gmem_to_smem(dst_ref, tmp, bar.at[wg])
-            plgpu.barrier_wait(bar.at[wg])
-            tmp[...] = tmp[...] + dq
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(tmp, dst_ref)
-            plgpu.wait_smem_to_gmem(0)
-          else:
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this warpgroup's previous reduce has read dq_sm
-            dq_sm.at[wg][...] = dq
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(dq_sm.at[wg], dst_ref, reduction_op="add")
+      def head_loop(head_i, carry):
+        # causal: a query block that starts at or before this warpgroup's first key straddles the diagonal (the
+        # first one or two of every head); later blocks need no mask
+        masked = lax.min(lax.div(wg * ROWS, jnp.int32(bq)) + 1, per_head) if p.causal else jnp.int32(0)
+        carry = lax.fori_loop(0, masked, functools.partial(step, head_i=head_i, masked=True), carry)
+        return lax.fori_loop(masked, per_head, functools.partial(step, head_i=head_i, masked=False), carry)
 
-      dk, dv = lax.fori_loop(0, steps, step, (_zeros((ROWS, d)), _zeros((ROWS, d))))
+      dk, dv = lax.fori_loop(0, g_, head_loop, (_zeros((ROWS, d)), _zeros((ROWS, d))))
       if fused:
         plgpu.wait_smem_to_gmem(0)
         plgpu.barrier_arrive(end.at[0])  # the other warpgroup's last dq product may still read this half of k_sm
@@ -402,8 +504,8 @@ def _dkv(q, k, v, do, lse, delta, p: MosaicParams):
       head, row0 = block(n)
       rows = pl.ds(row0, bq)
       plgpu.copy_gmem_to_smem(q_ref.at[b, rows, head], q_sm.at[slot], q_bar.at[slot])
-      plgpu.copy_gmem_to_smem(lse_ref.at[b, head, rows], lse_sm.at[slot], lse_bar.at[slot])
       plgpu.copy_gmem_to_smem(do_ref.at[b, rows, head], do_sm.at[slot], do_bar.at[slot])
+      plgpu.copy_gmem_to_smem(lse_ref.at[b, head, rows], lse_sm.at[slot], lse_bar.at[slot])
       plgpu.copy_gmem_to_smem(delta_ref.at[b, head, rows], delta_sm.at[slot], delta_bar.at[slot])
     pl.when(wg == 2)(lambda: _producer(free, steps, stages, copies))
 
@@ -419,11 +521,11 @@ def _dkv(q, k, v, do, lse, delta, p: MosaicParams):
   grid = (b_, kh_, s_len // (2 * ROWS))
   if not fused:
     return (None, *_kernel(body, out_type, buffers + barriers, grid, ("b", "kh", "k"), p)(q, k, v, do, lse, delta))
-  buffers += [plgpu.SMEM((2, 2 * ROWS, bq), dtype, transforms=_tiles()),  # dS^T of both warpgroups, two slots
-              plgpu.SMEM((1 if p.interpret else 2, bq, d), jnp.float32)]  # each warpgroup's dq block for the TMA
+  # dS^T of both warpgroups (two slots), and each warpgroup's dq block for the TMA reduce-add (in the interpreter:
+  # its staging buffer for a read-add-write, with a load barrier per warpgroup)
+  buffers += [plgpu.SMEM((2, 2 * ROWS, bq), dtype, transforms=_tiles()), plgpu.SMEM((2, bq, dq_cols), jnp.float32)]
   barriers += [plgpu.Barrier(num_arrivals=2, num_barriers=2), plgpu.Barrier(num_arrivals=2, num_barriers=1)]
-  # the interpreter's read-add-write of a dq block: a staging buffer and its load barrier per warpgroup
-  interp = [plgpu.SMEM((bq, d), jnp.float32), plgpu.Barrier(num_barriers=2)] if p.interpret else []
+  interp = [plgpu.Barrier(num_barriers=2)] if p.interpret else []
   dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
   dk, dv = _kernel(body, out_type, buffers + barriers + interp, grid, ("b", "kh", "k"), p)(
       q, k, v, do, lse, delta, dq_acc)
