@@ -51,7 +51,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
   c.attention = a = ml_collections.ConfigDict()
   a.kind = "gqa"  # mha | gqa | mqa (num_kv_heads decides) | mla | nsa
-  a.impl = "auto"  # auto | xla | cudnn | pallas (models/attention/ops.py)
+  a.impl = "auto"  # auto | xla | cudnn | pallas | mosaic (models/attention/ops.py)
   a.window = 0  # sliding window in tokens, 0 = full causal
   # Flash-kernel tiles (impl pallas, kernels/flash): block_q rows of (query, group head), block_k keys (powers of
   # two >= 16); num_warps / num_stages are the Triton launch parameters (GPU only).

@@ -12,7 +12,7 @@ from typing import Any
 import ml_collections
 
 ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla", "nsa")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas", "mosaic")
 POSITION_KINDS = ("rope", "sinusoidal", "learned", "relative", "alibi", "none")
 BIAS_POSITION_KINDS = ("relative", "alibi")  # logit-bias schemes (ctx.bias)
 NSA_IMPLS = ("auto", "reference", "pallas")  # attention.nsa.impl: pure JAX (models/attention/nsa.py) | kernels/nsa
@@ -222,6 +222,9 @@ def validate_position_kinds(c) -> None:
   if kind in BIAS_POSITION_KINDS and c.attention.impl == "cudnn":
     raise ConfigError(f"position.kind={kind!r} adds a logit bias that the cuDNN path cannot take without a dense "
                       "[B,H,T,T] tensor: use --config.attention.impl=auto (falls back to xla) or xla")
+  if kind in BIAS_POSITION_KINDS and c.attention.impl == "mosaic":
+    raise ConfigError(f"position.kind={kind!r} adds a logit bias that the Mosaic GPU kernels do not take: use "
+                      "--config.attention.impl=pallas (in-kernel biases) or auto")
   # MLA with a non-rope kind is defined (models/attention/mla.py): its decoupled q/k dims stay unrotated.
 
 

@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from efficientllm_jax.config import ConfigError
 from efficientllm_jax.kernels.flash import mosaic
 from efficientllm_jax.kernels.flash.reference import reference_attention
+from efficientllm_jax.models.attention import ops
 
 
 def _qkv(seed, b, t, h, kvh, d, dtype=jnp.bfloat16):
@@ -89,13 +91,34 @@ def test_unsupported_names_the_reason():
     mosaic.mosaic_attention(q, k, v, bad)
 
 
+def test_attention_impl_mosaic_dispatch(monkeypatch):
+  """attention.impl=mosaic through models/attention/ops.py: on CPU the interpreted kernels with the per-head-dim
+  blocks (d 64: dq fused) equal the xla path, values and gradients; a call they cannot take, or a GPU that is not
+  a Hopper, is a ConfigError naming the reason."""
+  q, k, v, do = _qkv(2, 1, 128, 4, 2, 64)
+  assert ops.mosaic_blocks(64) == mosaic.MosaicBlocks(fused_dq=True, overlap=False)
+  got = _out_and_grads(lambda q, k, v: ops.attention(q, k, v, impl="mosaic"), q, k, v, do)
+  want = _out_and_grads(lambda q, k, v: ops.attention(q, k, v, impl="xla"), q, k, v, do)
+  for g, w in zip(got, want):
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    assert float(np.abs(g - w).max()) / float(np.abs(w).max()) < 1.5e-2
+  with pytest.raises(ConfigError, match="impl='mosaic' cannot run this call: the Mosaic GPU kernels take no bias, "
+                                        "window or query offset; use attention.impl=auto"):
+    ops.attention(q, k, v, impl="mosaic", window=64)
+  monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(ops, "_compute_capability", lambda: (8, 0))
+  assert "compute capability (8, 0)" in ops.mosaic_supports(q, k, v, None)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a Hopper GPU (compiled Mosaic GPU kernels)")
-@pytest.mark.parametrize("h,kvh,d,fused", [(12, 2, 128, False), (12, 2, 128, True), (14, 2, 64, True)])
-def test_gpu_compiled_matches_cudnn(h, kvh, d, fused):
+@pytest.mark.parametrize("h,kvh,d,fused,overlap", [
+    (12, 2, 128, False, True), (12, 2, 128, True, True), (14, 2, 64, True, False), (14, 2, 64, False, True)])
+def test_gpu_compiled_matches_cudnn(h, kvh, d, fused, overlap):
   """The compiled kernels vs cuDNN at S = 2048, causal, bf16: outputs and gradients within 2 % of the largest."""
   q, k, v, do = _qkv(1, 1, 2048, h, kvh, d)
-  p = mosaic.MosaicParams(scale=1 / math.sqrt(d), causal=True, blocks=mosaic.MosaicBlocks(fused_dq=fused))
+  p = mosaic.MosaicParams(scale=1 / math.sqrt(d), causal=True,
+                          blocks=mosaic.MosaicBlocks(fused_dq=fused, overlap=overlap))
   got = jax.jit(lambda *a: _out_and_grads(lambda q, k, v: mosaic.mosaic_attention(q, k, v, p), *a))(q, k, v, do)
   cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")  # noqa: E731
   want = jax.jit(lambda *a: _out_and_grads(cudnn, *a))(q, k, v, do)

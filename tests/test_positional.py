@@ -263,10 +263,13 @@ def test_position_config_errors(changes, message):
 
 
 @pytest.mark.parametrize("kind", ["relative", "alibi"])
-def test_bias_kinds_reject_forced_cudnn(kind):
+def test_bias_kinds_reject_forced_cudnn_and_mosaic(kind):
   c = base.get_config("tiny")
   c.position.kind, c.attention.impl = kind, "cudnn"
   with pytest.raises(config_lib.ConfigError, match=r"use --config.attention.impl=auto \(falls back to xla\) or xla"):
+    config_lib.validate(c)
+  c.attention.impl = "mosaic"
+  with pytest.raises(config_lib.ConfigError, match=r"Mosaic GPU kernels do not take: use --config.attention.impl=pallas"):
     config_lib.validate(c)
 
 

@@ -9,6 +9,9 @@ Variants (gqa.py, mla.py, ...) build q/k/v; `attention()` picks the kernel by `i
   pallas the flash kernel of efficientllm_jax/kernels/flash (Triton lowering on GPU, Mosaic on TPU, interpret mode
          on CPU): GQA-native, windowed, unequal qk / v head dims without padding, relative / ALiBi biases in-kernel
          (bias objects hand it `kernel_terms()`); block sizes from attention.pallas.*.
+  mosaic the Mosaic GPU flash kernels of kernels/flash/mosaic.py (Hopper: TMA + wgmma; interpret mode on CPU):
+         causal self-attention without bias or window, q/k/v head dims 64 or 128, T a multiple of 128, bf16/fp16;
+         anything else is a ConfigError naming the reason. Its backward: `mosaic_blocks`.
   auto   GPU: pallas for a bias measured faster there (ALiBi, T5: `pallas_on_gpu`), else cudnn where
          `cudnn_supports` says it applies, else xla (the reason is logged once); TPU: pallas where
          `pallas_supports` says it applies, else xla; CPU: xla.
@@ -194,6 +197,33 @@ def pallas_attention(q, k, v, *, scale: float, bias=None, window: int = 0, q_off
   return remat.keep_residuals(lambda q, k, v, c: flash_attention(q, k, v, bias_coef_nh=c, **kw))(q, k, v, coef_nh)
 
 
+def mosaic_supports(q, k, v, bias, window: int = 0) -> str | None:
+  """None if the Mosaic GPU kernels can run this call here (a Hopper GPU, or CPU in interpret mode), else why."""
+  from efficientllm_jax.kernels.flash import mosaic  # noqa: PLC0415  (keeps pallas off the import path)
+  backend = jax.default_backend()
+  if backend == "gpu" and (_compute_capability() or (0,))[0] != 9:
+    return f"compute capability {_compute_capability()} (the Mosaic GPU kernels use Hopper's wgmma: 9.0)"
+  if backend not in ("gpu", "cpu"):
+    return f"platform is {backend} (the Mosaic GPU kernels run on a Hopper GPU, or interpreted on CPU)"
+  return mosaic.unsupported(q, k, v, window=window, bias=bias)
+
+
+def mosaic_blocks(head_dim: int):
+  """The measured-best Mosaic backward per head dim (benchmarks/RESULTS.md, session 7, H200, 8K causal): at d 64
+  dq fused into the dk / dv kernel, dS^T formed before dv's product (0.91x cuDNN, against 0.87x overlapped and
+  0.81x with the separate dq kernel); at d 128 the separate dq kernel with the overlap (0.88x, against 0.79x fused,
+  whose dk / dv kernel spills registers)."""
+  from efficientllm_jax.kernels.flash import mosaic  # noqa: PLC0415
+  return mosaic.MosaicBlocks(fused_dq=head_dim == 64, overlap=head_dim != 64)
+
+
+def mosaic_attention(q, k, v, *, scale: float):
+  from efficientllm_jax.kernels.flash import mosaic  # noqa: PLC0415
+  params = mosaic.MosaicParams(scale=scale, causal=True, blocks=mosaic_blocks(q.shape[-1]),
+                               interpret=jax.default_backend() == "cpu")
+  return remat.keep_residuals(lambda q, k, v: mosaic.mosaic_attention(q, k, v, params))(q, k, v)
+
+
 def attention(q, k, v, *, impl: str = "auto", scale: float | None = None, bias=None, window: int = 0,
               block_q: int | None = None, pallas: PallasBlocks | None = None):
   """Causal self-attention over [B, T, H, D] queries; returns [B, T, H, Dv] in q's dtype."""
@@ -210,6 +240,11 @@ def attention(q, k, v, *, impl: str = "auto", scale: float | None = None, bias=N
       raise ConfigError(f"attention.impl='pallas' cannot run this call: {reason}; use attention.impl=auto or xla")
     _log_once(f"attention: xla path ({reason})", logging.WARNING)
     return xla_attention(q, k, v, scale=scale, bias=bias, window=window, block_q=block_q)
+  if impl == "mosaic":
+    reason = mosaic_supports(q, k, v, bias, window)
+    if reason is not None:
+      raise ConfigError(f"attention.impl='mosaic' cannot run this call: {reason}; use attention.impl=auto")
+    return mosaic_attention(q, k, v, scale=scale)
   if impl in ("auto", "cudnn"):
     reason = cudnn_supports(q, k, v, bias)
     if reason is None:
