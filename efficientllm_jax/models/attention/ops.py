@@ -244,6 +244,9 @@ def attention(q, k, v, *, impl: str = "auto", scale: float | None = None, bias=N
     reason = mosaic_supports(q, k, v, bias, window)
     if reason is not None:
       raise ConfigError(f"attention.impl='mosaic' cannot run this call: {reason}; use attention.impl=auto")
+    if backend == "cpu":
+      _log_once("attention.impl=mosaic on CPU: the Mosaic GPU kernels run in Pallas' GPU interpret mode (slow, "
+                "meant for tests)", logging.WARNING)
     return mosaic_attention(q, k, v, scale=scale)
   if impl in ("auto", "cudnn"):
     reason = cudnn_supports(q, k, v, bias)
