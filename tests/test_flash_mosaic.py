@@ -89,6 +89,12 @@ def test_unsupported_names_the_reason():
   bad = mosaic.MosaicParams(scale=0.125, causal=True, blocks=mosaic.MosaicBlocks(dq_k=32), interpret=True)
   with pytest.raises(ValueError, match="must be 64 or 128 \\(got 128 / 32 / 64\\)"):
     mosaic.mosaic_attention(q, k, v, bad)
+  # 128-row dk / dv blocks with the fused dq at d 128: 322 KB of buffers (Mosaic GPU's count on lowering: 329864 B)
+  q5, k5, v5, _ = _qkv(0, 1, 256, 4, 2, 128)
+  big = mosaic.MosaicParams(scale=0.1, causal=True, blocks=mosaic.MosaicBlocks(dkv_q=128, fused_dq=True))
+  with pytest.raises(ValueError, match=r"needs 322 KB of shared memory in the dk / dv kernel at d 128, more than "
+                                       r"the 227 KB of a Hopper SM: lower its block sizes or stages"):
+    mosaic.mosaic_attention(q5, k5, v5, big)
 
 
 def test_attention_impl_mosaic_dispatch(monkeypatch):

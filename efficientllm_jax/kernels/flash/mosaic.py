@@ -534,15 +534,41 @@ def _dkv(q, k, v, do, lse, delta, p: MosaicParams):
 
 # ----- custom VJP -----
 
+SMEM_BYTES = 232448  # shared memory a Hopper CTA may use (227 KB)
+
+
+def _smem_bytes(d: int, itemsize: int, blocks: MosaicBlocks) -> dict[str, int]:
+  """Shared memory of each kernel's scratch buffers. Mosaic GPU adds barriers and alignment padding (up to ~1 KB
+  measured), so a sum just under the limit can still fail to compile, with Mosaic's own message."""
+  st, bq = blocks.stages, blocks.dkv_q
+  fused = 2 * 2 * ROWS * bq * itemsize + 2 * bq * (d // 2 if d == 128 else d) * 4 if blocks.fused_dq else 0
+  return {
+      "forward": (2 * ROWS * d + 2 * st * blocks.fwd_k * d) * itemsize + 2 * ROWS * 4,
+      "dq": (4 * ROWS * d + 2 * st * blocks.dq_k * d) * itemsize + 4 * ROWS * 4,
+      "dk / dv": (4 * ROWS * d + 2 * st * bq * d) * itemsize + 2 * st * bq * 4 + fused,
+  }
+
+
+def _smem_misfit(d: int, itemsize: int, blocks: MosaicBlocks) -> str | None:
+  for kernel, n in _smem_bytes(d, itemsize, blocks).items():
+    if n > SMEM_BYTES:
+      return (f"{blocks} needs {n / 1024:.0f} KB of shared memory in the {kernel} kernel at d {d}, more than the "
+              f"{SMEM_BYTES // 1024} KB of a Hopper SM: lower its block sizes or stages")
+  return None
+
+
 def mosaic_attention(q, k, v, params: MosaicParams):
   """softmax(scale * q k^T) v per head with the Mosaic GPU kernels (see the module docstring); raises ValueError
-  with the reason for a call they cannot take (`unsupported`, block sizes other than 64 / 128)."""
+  with the reason for a call they cannot take (`unsupported`, block sizes other than 64 / 128, blocks whose buffers
+  overflow shared memory)."""
   why = unsupported(q, k, v)
   blocks = params.blocks
   if why is None and not {blocks.fwd_k, blocks.dq_k, blocks.dkv_q} <= {64, 128}:
     why = f"MosaicBlocks fwd_k / dq_k / dkv_q must be 64 or 128 (got {blocks.fwd_k} / {blocks.dq_k} / {blocks.dkv_q})"
   if why is None and blocks.stages < 1:
     why = f"MosaicBlocks.stages must be at least 1 (got {blocks.stages})"
+  if why is None:
+    why = _smem_misfit(q.shape[-1], q.dtype.itemsize, blocks)
   if why:
     raise ValueError(why)
   return _attention(q, k, v, params)
