@@ -352,6 +352,12 @@ def _dq(q, k, v, do, lse, delta, p: MosaicParams):
 
 # ----- dk, dv (and with fused_dq, dq) -----
 
+def _dq_cols(d: int, blocks: MosaicBlocks) -> int:
+  """Columns of a warpgroup's dq block in the fused backward: half of D at d 128 (the split), all of it at d 64
+  (the warpgroups take turns)."""
+  return d // 2 if blocks.fused_dq and d == 128 else d
+
+
 def _dkv(q, k, v, do, lse, delta, p: MosaicParams):
   """dk, dv: each warpgroup keeps 64 keys' K and V and accumulates their dk, dv over every (query head of the
   group, query block) step. Returns (dq, dk, dv) with dq None unless `fused_dq`: then the two warpgroups' dS^T
@@ -360,8 +366,8 @@ def _dkv(q, k, v, do, lse, delta, p: MosaicParams):
   takes all of it, in turn. A TMA reduce-add puts the product into an fp32 dq buffer."""
   b_, t, _, d, s_len, kh_, g_ = _dims(q, k)
   bq, stages, fused = p.blocks.dkv_q, p.blocks.stages, p.blocks.fused_dq
-  split = fused and d == 128  # the dq product's columns: half of D per warpgroup, or all of it in turn
-  dq_cols = d // 2 if split else d
+  dq_cols = _dq_cols(d, p.blocks)
+  split = fused and dq_cols < d
   nq = t // bq
   c = p.scale * LOG2E
   dtype = q.dtype
@@ -541,7 +547,7 @@ def _smem_bytes(d: int, itemsize: int, blocks: MosaicBlocks) -> dict[str, int]:
   """Shared memory of each kernel's scratch buffers. Mosaic GPU adds barriers and alignment padding (up to ~1 KB
   measured), so a sum just under the limit can still fail to compile, with Mosaic's own message."""
   st, bq = blocks.stages, blocks.dkv_q
-  fused = 2 * 2 * ROWS * bq * itemsize + 2 * bq * (d // 2 if d == 128 else d) * 4 if blocks.fused_dq else 0
+  fused = 2 * 2 * ROWS * bq * itemsize + 2 * bq * _dq_cols(d, blocks) * 4 if blocks.fused_dq else 0
   return {
       "forward": (2 * ROWS * d + 2 * st * blocks.fwd_k * d) * itemsize + 2 * ROWS * 4,
       "dq": (4 * ROWS * d + 2 * st * blocks.dq_k * d) * itemsize + 4 * ROWS * 4,

@@ -201,8 +201,8 @@ def mosaic_supports(q, k, v, bias, window: int = 0) -> str | None:
   """None if the Mosaic GPU kernels can run this call here (a Hopper GPU, or CPU in interpret mode), else why."""
   from efficientllm_jax.kernels.flash import mosaic  # noqa: PLC0415  (keeps pallas off the import path)
   backend = jax.default_backend()
-  if backend == "gpu" and (_compute_capability() or (0,))[0] != 9:
-    return f"compute capability {_compute_capability()} (the Mosaic GPU kernels use Hopper's wgmma: 9.0)"
+  if backend == "gpu" and ((cc := _compute_capability()) or (0,))[0] != 9:
+    return f"compute capability {cc} (the Mosaic GPU kernels use Hopper's wgmma: 9.0)"
   if backend not in ("gpu", "cpu"):
     return f"platform is {backend} (the Mosaic GPU kernels run on a Hopper GPU, or interpreted on CPU)"
   return mosaic.unsupported(q, k, v, window=window, bias=bias)
