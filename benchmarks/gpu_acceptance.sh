@@ -17,7 +17,7 @@
 #         grid (1 GPU: flash attention vs cuDNN at 2K and 8K, all head dims and layouts),
 #         ep4 (4 GPUs: expert-parallel GPU test, MoE 1.5Bx8 over expert=4 through the sbatch script),
 #         mosaic (1 GPU: the Mosaic GPU flash kernels' GPU test, then vs cuDNN and the Triton kernel at 8K, and the
-#                 backward's fused_dq x overlap switches at d 128 / 64, interleaved; ~4 minutes).
+#                 backward's fused_dq / overlap / dkv_q switches at d 128 / 64 against cuDNN, interleaved; ~5 minutes).
 # Results (tables, summaries) are copied to OUTDIR (default $OUT, else results/).
 set -uo pipefail
 stage=$1; out=${2:-${OUT:-results}}
@@ -108,17 +108,23 @@ case $stage in
 import math, statistics, time
 import jax, jax.numpy as jnp
 from efficientllm_jax.kernels.flash import mosaic
-# the backward's two switches, timed in three interleaved rounds (the machines drift by up to 10 % within a call)
+from efficientllm_jax.models.attention import ops
+# the backward's switches and cuDNN, timed in three interleaved rounds (the machines drift by up to 10 % in a call)
+variants = (dict(), dict(overlap=False), dict(fused_dq=True), dict(fused_dq=True, overlap=False),
+            dict(fused_dq=True, dkv_q=128, overlap=False))
 for b, h, kvh, d in ((2, 12, 2, 128), (4, 14, 2, 64)):
   ks = jax.random.split(jax.random.key(0), 4)
   q, do = (jax.random.normal(ks[i], (b, 8192, h, d), jnp.bfloat16) for i in (0, 3))
   k, v = (jax.random.normal(ks[i], (b, 8192, kvh, d), jnp.bfloat16) for i in (1, 2))
-  fns = {}
-  for fused in (False, True):
-    for overlap in (True, False):
-      p = mosaic.MosaicParams(1 / math.sqrt(d), True, mosaic.MosaicBlocks(fused_dq=fused, overlap=overlap))
-      fns[fused, overlap] = jax.jit(lambda q, k, v, p=p: jax.vjp(lambda *a: mosaic.mosaic_attention(*a, p), q, k, v)[1](do))
-      jax.block_until_ready(fns[fused, overlap](q, k, v))
+  fns = {"cudnn": lambda *a, d=d: ops.cudnn_attention(*a, scale=1 / math.sqrt(d))}
+  for kw in variants:
+    blocks = mosaic.MosaicBlocks(**kw)
+    if mosaic._smem_misfit(d, 2, blocks) is None:
+      p = mosaic.MosaicParams(1 / math.sqrt(d), True, blocks)
+      fns[str(kw)] = lambda *a, p=p: mosaic.mosaic_attention(*a, p)
+  fns = {key: jax.jit(lambda q, k, v, f=f: jax.vjp(f, q, k, v)[1](do)) for key, f in fns.items()}
+  for f in fns.values():
+    jax.block_until_ready(f(q, k, v))
   best = {}
   for _ in range(3):
     for key, f in fns.items():
@@ -126,8 +132,8 @@ for b, h, kvh, d in ((2, 12, 2, 128), (4, 14, 2, 64)):
       for _ in range(5):
         t = time.perf_counter(); jax.block_until_ready(f(q, k, v)); ts.append(time.perf_counter() - t)
       best[key] = min(best.get(key, 1e9), statistics.median(ts))
-  for (fused, overlap), t in best.items():
-    print(f"B {b} heads {h}/{kvh} d {d} fused_dq={fused} overlap={overlap}: fwd+bwd {t * 1e3:.3f} ms")
+  for key, t in best.items():
+    print(f"B {b} heads {h}/{kvh} d {d} {key}: fwd+bwd {t * 1e3:.3f} ms ({best['cudnn'] / t:.2f}x cuDNN)")
 PY
           ;;
   *) echo "unknown stage $stage"; exit 2 ;;

@@ -99,10 +99,10 @@ def test_unsupported_names_the_reason():
 
 def test_attention_impl_mosaic_dispatch(monkeypatch):
   """attention.impl=mosaic through models/attention/ops.py: on CPU the interpreted kernels with the per-head-dim
-  blocks (d 64: dq fused) equal the xla path, values and gradients; a call they cannot take, or a GPU that is not
+  blocks (d 64: dq fused, each warpgroup forming its 64 rows of 128-row query blocks) equal the xla path, values and gradients; a call they cannot take, or a GPU that is not
   a Hopper, is a ConfigError naming the reason."""
-  q, k, v, do = _qkv(2, 1, 128, 4, 2, 64)
-  assert ops.mosaic_blocks(64) == mosaic.MosaicBlocks(fused_dq=True, overlap=False)
+  q, k, v, do = _qkv(2, 1, 256, 4, 2, 64)
+  assert ops.mosaic_blocks(64) == mosaic.MosaicBlocks(fused_dq=True, dkv_q=128, overlap=False)
   got = _out_and_grads(lambda q, k, v: ops.attention(q, k, v, impl="mosaic"), q, k, v, do)
   want = _out_and_grads(lambda q, k, v: ops.attention(q, k, v, impl="xla"), q, k, v, do)
   for g, w in zip(got, want):
@@ -118,13 +118,13 @@ def test_attention_impl_mosaic_dispatch(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a Hopper GPU (compiled Mosaic GPU kernels)")
-@pytest.mark.parametrize("h,kvh,d,fused,overlap", [
-    (12, 2, 128, False, True), (12, 2, 128, True, True), (14, 2, 64, True, False), (14, 2, 64, False, True)])
-def test_gpu_compiled_matches_cudnn(h, kvh, d, fused, overlap):
+@pytest.mark.parametrize("h,kvh,d,blocks", [
+    (12, 2, 128, dict()), (12, 2, 128, dict(fused_dq=True)), (14, 2, 64, dict(fused_dq=True, overlap=False)),
+    (14, 2, 64, dict(fused_dq=True, dkv_q=128, overlap=False)), (14, 2, 64, dict())])
+def test_gpu_compiled_matches_cudnn(h, kvh, d, blocks):
   """The compiled kernels vs cuDNN at S = 2048, causal, bf16: outputs and gradients within 2 % of the largest."""
   q, k, v, do = _qkv(1, 1, 2048, h, kvh, d)
-  p = mosaic.MosaicParams(scale=1 / math.sqrt(d), causal=True,
-                          blocks=mosaic.MosaicBlocks(fused_dq=fused, overlap=overlap))
+  p = mosaic.MosaicParams(scale=1 / math.sqrt(d), causal=True, blocks=mosaic.MosaicBlocks(**blocks))
   got = jax.jit(lambda *a: _out_and_grads(lambda q, k, v: mosaic.mosaic_attention(q, k, v, p), *a))(q, k, v, do)
   cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")  # noqa: E731
   want = jax.jit(lambda *a: _out_and_grads(cudnn, *a))(q, k, v, do)

@@ -19,7 +19,7 @@ negative logit, so a fully masked row of a block contributes exp2(...) = 0 once 
 sees key 0 first). Both compute warpgroups run the same number of steps: one of them may run a block that is
 masked for all its rows, which costs a step but keeps the barrier phases of the two in lock step.
 
-Scheduling (each choice measured on an H200, benchmarks/RESULTS.md, session 7):
+Scheduling and register use (each choice measured on an H200, benchmarks/RESULTS.md, sessions 7 and 8):
   - forward: FlashAttention-3's ping-pong. The two compute warpgroups take turns over a barrier of two arrivals,
     so one warpgroup's softmax runs while the other's q k^T and p v run. With the unmasked fast path it made the
     forward 1.05-1.13x cuDNN (session 6: 0.83-0.99x). The same ping-pong in the dq and dk / dv kernels made the
@@ -28,16 +28,24 @@ Scheduling (each choice measured on an H200, benchmarks/RESULTS.md, session 7):
     k q^T with v dO^T and then dv with dk in dk / dv.
   - `overlap`: dS^T is formed while dv's product runs (d 128: 0.94x against 0.92x; d 64 fused: 0.87x against
     0.91x without it).
+  - the scale is applied inside the exponent (exp2(s * c - m * c), one FMA an element) and the causal mask is
+    built from two 1-D iotas broadcast in registers. Full-tile iotas, hoisted out of the loops, held registers
+    for the whole kernel: the dk / dv kernel spilled 72 bytes at d 128 with them and 16 without, the fused d 64
+    kernel over 128-row query blocks 424 and 148.
+  - not used, slower: P^T and dS^T passed to dv's and dk's products through shared memory (more spills, 0.75x
+    against 0.86x at d 128); v dO^T issued after P^T is formed, to shorten the live ranges (no spills, 0.78x
+    against 0.97x at d 64).
 
 The default backward takes seven matmuls: dq and dk / dv recompute the logits separately, as JAX's stock Mosaic
 GPU attention does for its non-causal backward. `MosaicBlocks(fused_dq=True)` takes FlashAttention-3's five: the
 dk / dv kernel also writes each warpgroup's dS^T block into shared memory, and the [bq, 128 keys] dS is multiplied
-by the CTA's keys. At d 128 each warpgroup takes half of D (FlashAttention-3's split), at d 64 one warpgroup per
-step takes all of it, in turn. The product is added into an fp32 dq buffer (a `jax.new_ref`) by a TMA reduce-add.
-Measured at 8K: the fused backward is the faster at d 64 (0.91x cuDNN against 0.81x); at d 128 its dk / dv kernel
-spills registers (~300 bytes, `MOSAIC_GPU_DUMP_PTXAS=1`: dk, dv accumulators of 64 x 128 fp32 each plus P^T,
-dP^T and the dq block) and it is the slower (0.79x against 0.88x). models/attention/ops.py `mosaic_blocks` picks
-per head dim.
+by the CTA's keys (`_dq_split`): with 128-row query blocks (`dkv_q=128`) each warpgroup forms the dq of its own 64
+rows; with 64-row blocks at d 128 each takes half of D (FlashAttention-3's split); at d 64 one warpgroup per step
+takes all of it, in turn. The product is added into an fp32 dq buffer (a `jax.new_ref`) by a TMA reduce-add.
+Measured at 8K: the fused backward over 128-row query blocks is the fastest at d 64 (0.96-0.97x cuDNN at B 4,
+against 0.90-0.93x for 64-row blocks and 0.81x unfused); at d 128 the fused dk / dv kernel spills registers (256
+bytes, `MOSAIC_GPU_DUMP_PTXAS=1`: dk, dv accumulators of 64 x 128 fp32 each plus P^T, dP^T and the dq block) and
+is the slower (0.79-0.81x against 0.84-0.89x). models/attention/ops.py `mosaic_blocks` picks per head dim.
 
 CPU: `interpret=True` runs the same kernels in Pallas' GPU interpret mode (threads, barriers and TMA simulated).
 Its wgmma reads both operands from shared memory and it cannot run `pl.run_state` over a wgmma accumulator, so
@@ -59,7 +67,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 LOG2E = math.log2(math.e)
-MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp2(MASKED - m) == 0 and never NaN
+MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp2((MASKED - m) * scale) == 0 and never NaN
 ROWS = 64  # rows per compute warpgroup (wgmma M); a CTA holds two
 
 
@@ -141,11 +149,14 @@ def _zeros(shape):
   return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
 
 
-def _causal_mask(s, row0, col0):
-  """s [R, C] with logits of rows row0.. and columns col0..; positions where column > row get MASKED."""
-  rows = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA) + row0
-  cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA) + col0
-  return jnp.where(rows >= cols, s, MASKED)
+def _causal_mask(s, row0, col0, keys_first: bool = False):
+  """s [R, C] (WGMMA layout) holds rows row0.. and columns col0..: queries by keys (MASKED where key > query), or
+  with `keys_first` keys by queries. The positions come from two 1-D iotas broadcast in registers: full [R, C]
+  iotas are loop-invariant, get hoisted out of the loop and hold two tiles of registers for its whole length."""
+  r = plgpu.broadcasted_iota(jnp.int32, (s.shape[0],), 0, layout=plgpu.Layout.WGMMA.reduce(1)) + (row0 - col0)
+  c = plgpu.broadcasted_iota(jnp.int32, (s.shape[1],), 0, layout=plgpu.Layout.WGMMA.reduce(0))
+  r, c = lax.broadcast_in_dim(r, s.shape, [0]), lax.broadcast_in_dim(c, s.shape, [1])
+  return jnp.where(c >= r if keys_first else r >= c, s, MASKED)
 
 
 def _drain(free, steps, stages: int):
@@ -246,12 +257,12 @@ def _forward(q, k, v, p: MosaicParams):
             turn()
             return ref[...]
           s = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
-        s = s * c
         if masked:
           s = _causal_mask(s, row0, i * bk)
+        # m is the row maximum of the unscaled logits, so the scale and the subtraction are one FMA per element
         m_new = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp2(m - m_new)
-        pr = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        alpha = jnp.exp2((m - m_new) * c)
+        pr = jnp.exp2(s * c - lax.broadcast_in_dim(m_new * c, s.shape, [0]))
         l = l * alpha + pr.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         plgpu.barrier_arrive(turn_bar)
@@ -269,7 +280,7 @@ def _forward(q, k, v, p: MosaicParams):
       acc, m, l = lax.fori_loop(full, steps, functools.partial(step, masked=True), carry)
       pl.when(wg == 0)(turn)
       qs[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
-      lse_sm.at[wg][...] = m + jnp.log2(l)
+      lse_sm.at[wg][...] = m * c + jnp.log2(l)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(qs, o_ref.at[b, pl.ds(row0, ROWS), h])
       plgpu.copy_smem_to_gmem(lse_sm.at[wg], lse_ref.at[b, h, pl.ds(row0, ROWS)])
@@ -319,10 +330,9 @@ def _dq(q, k, v, do, lse, delta, p: MosaicParams):
         # q k^T and dO v^T issued together, one wait
         s, dp = _mma_group([(None, qs, k_sm.at[slot].transpose((1, 0)), (ROWS, bk)),
                             (None, dos, v_sm.at[slot].transpose((1, 0)), (ROWS, bk))], p.interpret)
-        s = s * c
         if masked:
           s = _causal_mask(s, row0, i * bk)
-        pr = jnp.exp2(s - lax.broadcast_in_dim(lse_r, s.shape, [0]))
+        pr = jnp.exp2(s * c - lax.broadcast_in_dim(lse_r, s.shape, [0]))
         ds = pr * (dp - lax.broadcast_in_dim(delta_r, dp.shape, [0]))
         dq = _mma(dq, ds.astype(dtype), k_sm.at[slot], (ROWS, d), p.interpret)
         plgpu.barrier_arrive(free.at[slot])
@@ -352,22 +362,30 @@ def _dq(q, k, v, do, lse, delta, p: MosaicParams):
 
 # ----- dk, dv (and with fused_dq, dq) -----
 
-def _dq_cols(d: int, blocks: MosaicBlocks) -> int:
-  """Columns of a warpgroup's dq block in the fused backward: half of D at d 128 (the split), all of it at d 64
-  (the warpgroups take turns)."""
-  return d // 2 if blocks.fused_dq and d == 128 else d
+def _dq_split(d: int, blocks: MosaicBlocks) -> str:
+  """How the fused backward's two warpgroups share each step's dq product dS [bq, 128 keys] @ K [128 keys, D]:
+  "rows" (128-row query blocks: each takes its 64 rows, all of D), "cols" (d 128: each takes all bq rows and half
+  of D, FlashAttention-3's split) or "turns" (one warpgroup takes the whole product, alternating by step)."""
+  if blocks.dkv_q == 2 * ROWS:
+    return "rows"
+  return "cols" if d == 128 else "turns"
+
+
+def _dq_block(d: int, blocks: MosaicBlocks) -> tuple[int, int]:
+  """(rows, columns) of a warpgroup's dq block in the fused backward."""
+  return {"rows": (ROWS, d), "cols": (blocks.dkv_q, d // 2), "turns": (blocks.dkv_q, d)}[_dq_split(d, blocks)]
 
 
 def _dkv(q, k, v, do, lse, delta, p: MosaicParams):
   """dk, dv: each warpgroup keeps 64 keys' K and V and accumulates their dk, dv over every (query head of the
   group, query block) step. Returns (dq, dk, dv) with dq None unless `fused_dq`: then the two warpgroups' dS^T
   blocks meet in shared memory each step ([128 keys, bq queries], two slots) and their transpose is multiplied by
-  the CTA's 128 keys: at d 128 each warpgroup takes half of D (FlashAttention-3's split), at d 64 one warpgroup
-  takes all of it, in turn. A TMA reduce-add puts the product into an fp32 dq buffer."""
+  the CTA's 128 keys, shared between the warpgroups as `_dq_split` says. A TMA reduce-add puts each warpgroup's
+  product into an fp32 dq buffer."""
   b_, t, _, d, s_len, kh_, g_ = _dims(q, k)
   bq, stages, fused = p.blocks.dkv_q, p.blocks.stages, p.blocks.fused_dq
-  dq_cols = _dq_cols(d, p.blocks)
-  split = fused and dq_cols < d
+  how = _dq_split(d, p.blocks) if fused else None
+  dq_rows, dq_cols = _dq_block(d, p.blocks)
   nq = t // bq
   c = p.scale * LOG2E
   dtype = q.dtype
@@ -410,14 +428,11 @@ def _dkv(q, k, v, do, lse, delta, p: MosaicParams):
         # k q^T and v dO^T issued together, one wait
         st, dpt = _mma_group([(None, ks, q_sm.at[slot].transpose((1, 0)), (ROWS, bq)),
                               (None, vs, do_sm.at[slot].transpose((1, 0)), (ROWS, bq))], p.interpret)
-        st = st * c  # [keys, queries]
-        if masked:
-          keys = plgpu.broadcasted_iota(jnp.int32, st.shape, 0, layout=plgpu.Layout.WGMMA) + col0
-          rows = plgpu.broadcasted_iota(jnp.int32, st.shape, 1, layout=plgpu.Layout.WGMMA) + row0
-          st = jnp.where(rows >= keys, st, MASKED)
+        if masked:  # on the unscaled logits: the scale and the lse subtraction below are one FMA
+          st = _causal_mask(st, col0, row0, keys_first=True)
         plgpu.barrier_wait(lse_bar.at[slot])
         lse_c = plgpu.load(lse_sm.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-        pt = jnp.exp2(st - lax.broadcast_in_dim(lse_c, st.shape, [1]))
+        pt = jnp.exp2(st * c - lax.broadcast_in_dim(lse_c, st.shape, [1]))  # P^T [keys, queries]
         half = lax.rem(n, jnp.int32(2))  # fused: this step's dS^T slot
 
         def ds_t():  # dS^T [keys, queries]; fused: also into shared memory for the dq product
@@ -434,34 +449,41 @@ def _dkv(q, k, v, do, lse, delta, p: MosaicParams):
           plgpu.barrier_wait(ds_bar.at[half])
           return ds_sm.at[half].transpose((1, 0))
 
-        # dv's product runs while dS^T is formed, then dk's (and with the split dq, this warpgroup's half of
-        # dq = dS @ K[:, its half of D]); one wait for all
-        pt16 = pt.astype(dtype)
-        products = [(dv, pt16, do_sm.at[slot], (ROWS, d)),
+        # dv's product runs while dS^T is formed (overlap), then dk's (and with the split dq, this warpgroup's
+        # part of dq = dS @ K); one wait for all
+        products = [(dv, pt.astype(dtype), do_sm.at[slot], (ROWS, d)),
                     (dk, ds_t if p.blocks.overlap else ds_t(), q_sm.at[slot], (ROWS, d))]
-        if split:
-          cols = pl.ds(wg * dq_cols, dq_cols)
-          dq_block = (b, pl.ds(row0, bq), head, cols)
+        if how in ("rows", "cols"):
+          if how == "cols":  # all bq rows, this warpgroup's half of D
+            cols = pl.ds(wg * dq_cols, dq_cols)
+            dq_b, dq_block = k_sm.at[:, cols], (b, pl.ds(row0, bq), head, cols)
+            ds_rows = ds_both
+          else:  # this warpgroup's 64 rows of the 128-row query block, all of D
+            dq_b, dq_block = k_sm, (b, pl.ds(row0 + wg * ROWS, ROWS), head)
+
+            def ds_rows():
+              plgpu.barrier_wait(ds_bar.at[half])
+              return ds_sm.at[half, :, pl.ds(wg * ROWS, ROWS)].transpose((1, 0))
           if p.interpret:
             dv, dk = _mma_group(products, True)
-            _dq_out(_mma(None, ds_both(), k_sm.at[:, cols], (bq, dq_cols), True), wg, dq_ref.at[dq_block])
+            _dq_out(_mma(None, ds_rows(), dq_b, (dq_rows, dq_cols), True), wg, dq_ref.at[dq_block])
           else:
             def issue(refs):
               # the dq accumulator is allocated only here, once dS^T is formed and pt, dpt are dead (allocated
               # up front beside dv and dk it spilled 496 bytes at d 128; here 344, still too many)
               for ref, (_, a, b_op, _) in zip(refs, products):
                 plgpu.wgmma(ref, a() if callable(a) else a, b_op)
-              ds = ds_both()
+              ds = ds_rows()
 
               def dq_product(acc):
-                plgpu.wgmma(acc, ds, k_sm.at[:, cols])
+                plgpu.wgmma(acc, ds, dq_b)
                 _dq_out(acc[...], wg, dq_ref.at[dq_block])  # reading acc waits for all three products
-              pl.run_scoped(dq_product, plgpu.ACC((bq, dq_cols), jnp.float32))
+              pl.run_scoped(dq_product, plgpu.ACC((dq_rows, dq_cols), jnp.float32))
             dv, dk = pl.run_state(issue)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
         else:
           dv, dk = _mma_group(products, p.interpret)
         plgpu.barrier_arrive(free.at[slot])  # q, dO, lse, delta of this slot are no longer read
-        if fused and not split:
+        if how == "turns":
           ds_both()
 
           @pl.when(half == wg)
@@ -526,10 +548,12 @@ def _dkv(q, k, v, do, lse, delta, p: MosaicParams):
   out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
   grid = (b_, kh_, s_len // (2 * ROWS))
   if not fused:
-    return (None, *_kernel(body, out_type, buffers + barriers, grid, ("b", "kh", "k"), p)(q, k, v, do, lse, delta))
+    return (None, *_kernel(body, out_type, buffers + barriers, grid, ("b", "kh", "k"), p)(
+        q, k, v, do, lse, delta))
   # dS^T of both warpgroups (two slots), and each warpgroup's dq block for the TMA reduce-add (in the interpreter:
   # its staging buffer for a read-add-write, with a load barrier per warpgroup)
-  buffers += [plgpu.SMEM((2, 2 * ROWS, bq), dtype, transforms=_tiles()), plgpu.SMEM((2, bq, dq_cols), jnp.float32)]
+  buffers += [plgpu.SMEM((2, 2 * ROWS, bq), dtype, transforms=_tiles()),
+              plgpu.SMEM((2, dq_rows, dq_cols), jnp.float32)]
   barriers += [plgpu.Barrier(num_arrivals=2, num_barriers=2), plgpu.Barrier(num_arrivals=2, num_barriers=1)]
   interp = [plgpu.Barrier(num_barriers=2)] if p.interpret else []
   dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
@@ -547,7 +571,7 @@ def _smem_bytes(d: int, itemsize: int, blocks: MosaicBlocks) -> dict[str, int]:
   """Shared memory of each kernel's scratch buffers. Mosaic GPU adds barriers and alignment padding (up to ~1 KB
   measured), so a sum just under the limit can still fail to compile, with Mosaic's own message."""
   st, bq = blocks.stages, blocks.dkv_q
-  fused = 2 * 2 * ROWS * bq * itemsize + 2 * bq * _dq_cols(d, blocks) * 4 if blocks.fused_dq else 0
+  fused = 2 * 2 * ROWS * bq * itemsize + 2 * math.prod(_dq_block(d, blocks)) * 4 if blocks.fused_dq else 0
   return {
       "forward": (2 * ROWS * d + 2 * st * blocks.fwd_k * d) * itemsize + 2 * ROWS * 4,
       "dq": (4 * ROWS * d + 2 * st * blocks.dq_k * d) * itemsize + 4 * ROWS * 4,

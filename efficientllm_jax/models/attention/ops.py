@@ -209,12 +209,15 @@ def mosaic_supports(q, k, v, bias, window: int = 0) -> str | None:
 
 
 def mosaic_blocks(head_dim: int):
-  """The measured-best Mosaic backward per head dim (benchmarks/RESULTS.md, session 7, H200, 8K causal): at d 64
-  dq fused into the dk / dv kernel, dS^T formed before dv's product (0.91x cuDNN, against 0.87x overlapped and
-  0.81x with the separate dq kernel); at d 128 the separate dq kernel with the overlap (0.88x, against 0.79x fused,
-  whose dk / dv kernel spills registers)."""
+  """The measured-best Mosaic backward per head dim (benchmarks/RESULTS.md, sessions 7 and 8, H200, 8K causal): at
+  d 64 dq fused into the dk / dv kernel over 128-row query blocks, each warpgroup forming the dq of its own 64 rows,
+  dS^T formed before dv's product (0.97x cuDNN, against 0.90-0.93x with 64-row blocks, where the warpgroups take
+  turns at dq); at d 128 the separate dq kernel with the overlap (0.84-0.89x, against 0.79-0.81x fused, whose
+  dk / dv kernel spills registers)."""
   from efficientllm_jax.kernels.flash import mosaic  # noqa: PLC0415
-  return mosaic.MosaicBlocks(fused_dq=head_dim == 64, overlap=head_dim != 64)
+  if head_dim == 64:
+    return mosaic.MosaicBlocks(fused_dq=True, dkv_q=128, overlap=False)
+  return mosaic.MosaicBlocks()
 
 
 def mosaic_attention(q, k, v, *, scale: float):
