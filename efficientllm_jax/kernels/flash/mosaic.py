@@ -470,7 +470,7 @@ def _dkv(q, k, v, do, lse, delta, p: MosaicParams):
           else:
             def issue(refs):
               # the dq accumulator is allocated only here, once dS^T is formed and pt, dpt are dead (allocated
-              # up front beside dv and dk it spilled 496 bytes at d 128; here 344, still too many)
+              # up front beside dv and dk it spilled 496 bytes at d 128; here 256 with session 8's masks)
               for ref, (_, a, b_op, _) in zip(refs, products):
                 plgpu.wgmma(ref, a() if callable(a) else a, b_op)
               ds = ds_rows()
@@ -548,8 +548,7 @@ def _dkv(q, k, v, do, lse, delta, p: MosaicParams):
   out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
   grid = (b_, kh_, s_len // (2 * ROWS))
   if not fused:
-    return (None, *_kernel(body, out_type, buffers + barriers, grid, ("b", "kh", "k"), p)(
-        q, k, v, do, lse, delta))
+    return (None, *_kernel(body, out_type, buffers + barriers, grid, ("b", "kh", "k"), p)(q, k, v, do, lse, delta))
   # dS^T of both warpgroups (two slots), and each warpgroup's dq block for the TMA reduce-add (in the interpreter:
   # its staging buffer for a read-add-write, with a load barrier per warpgroup)
   buffers += [plgpu.SMEM((2, 2 * ROWS, bq), dtype, transforms=_tiles()),
