@@ -17,7 +17,8 @@
 #         grid (1 GPU: flash attention vs cuDNN at 2K and 8K, all head dims and layouts),
 #         ep4 (4 GPUs: expert-parallel GPU test, MoE 1.5Bx8 over expert=4 through the sbatch script),
 #         mosaic (1 GPU: the Mosaic GPU flash kernels' GPU test, then vs cuDNN and the Triton kernel at 8K, and the
-#                 backward's fused_dq / overlap / dq_k / dkv_q switches at d 128 / 64 against cuDNN, interleaved; ~5 minutes).
+#                 backward's fused_dq / overlap / dq_k / dkv_q / heavy_first switches at d 128 / 64 against
+#                 cuDNN, interleaved; ~7 minutes).
 # Results (tables, summaries) are copied to OUTDIR (default $OUT, else results/).
 set -uo pipefail
 stage=$1; out=${2:-${OUT:-results}}
@@ -104,14 +105,15 @@ case $stage in
   mosaic) timeout 150 python -m pytest -q -m gpu tests/test_flash_mosaic.py 2>&1 | tail -3
           timeout 200 python benchmarks/attention.py --seq=8192 --dims=128,64 --layouts=12/2,14/2 \
             --impls=mosaic,pallas --json=$out/attn_mosaic.json 2>&1 | grep "^|"
-          timeout 150 python - <<'PY'
+          timeout 300 python - <<'PY'
 import math, statistics, time
 import jax, jax.numpy as jnp
 from efficientllm_jax.kernels.flash import mosaic
 from efficientllm_jax.models.attention import ops
 # the backward's switches and cuDNN, timed in three interleaved rounds (the machines drift by up to 10 % in a call)
-variants = (dict(), dict(overlap=False), dict(dq_k=128), dict(fused_dq=True), dict(fused_dq=True, overlap=False),
-            dict(fused_dq=True, dkv_q=128, overlap=False))
+variants = (dict(), dict(heavy_first=True), dict(overlap=False), dict(dq_k=128), dict(fused_dq=True),
+            dict(fused_dq=True, overlap=False), dict(fused_dq=True, dkv_q=128, overlap=False),
+            dict(fused_dq=True, dkv_q=128, overlap=False, heavy_first=True))
 for b, h, kvh, d in ((2, 12, 2, 128), (4, 14, 2, 64)):
   ks = jax.random.split(jax.random.key(0), 4)
   q, do = (jax.random.normal(ks[i], (b, 8192, h, d), jnp.bfloat16) for i in (0, 3))

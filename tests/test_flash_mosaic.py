@@ -39,16 +39,17 @@ def _out_and_grads(fn, q, k, v, do):
   return (out, *vjp(do.astype(out.dtype)))
 
 
-@pytest.mark.parametrize("t,h,kvh,d,causal,fused", [
-    (256, 2, 1, 64, True, False),  # GQA (2 query heads per K/V head), causal, the separate dq kernel (default)
-    (128, 2, 1, 128, False, True),  # no mask, d 128, dq by reduce-add inside the dk / dv kernel
+@pytest.mark.parametrize("t,h,kvh,d,causal,blocks", [
+    (256, 2, 1, 64, True, dict()),  # GQA (2 query heads per K/V head), causal, the separate dq kernel (default)
+    (256, 2, 1, 64, True, dict(heavy_first=True)),  # the same, row blocks in reverse order
+    (128, 2, 1, 128, False, dict(fused_dq=True)),  # no mask, d 128, dq by reduce-add inside the dk / dv kernel
 ])
-def test_interpret_matches_reference(t, h, kvh, d, causal, fused):
+def test_interpret_matches_reference(t, h, kvh, d, causal, blocks):
   """bf16 inputs against the fp32 reference at bf16 tolerance. At T = 256 two CTAs run along the sequence, so the
   causal loop bounds, the diagonal masks and the ring of slots all run; at 128 the dq / dk / dv loops still take
   several steps (64-row blocks, two query heads per K/V head)."""
   q, k, v, do = _qkv(0, 1, t, h, kvh, d)
-  p = mosaic.MosaicParams(scale=1 / math.sqrt(d), causal=causal, blocks=mosaic.MosaicBlocks(fused_dq=fused),
+  p = mosaic.MosaicParams(scale=1 / math.sqrt(d), causal=causal, blocks=mosaic.MosaicBlocks(**blocks),
                           interpret=True)
   got = _out_and_grads(lambda q, k, v: mosaic.mosaic_attention(q, k, v, p), q, k, v, do)
   want = _out_and_grads(lambda q, k, v: _dense(q, k, v, causal), q, k, v, do)
@@ -99,8 +100,8 @@ def test_unsupported_names_the_reason():
 
 def test_attention_impl_mosaic_dispatch(monkeypatch):
   """attention.impl=mosaic through models/attention/ops.py: on CPU the interpreted kernels with the per-head-dim
-  blocks (d 64: dq fused, each warpgroup forming its 64 rows of 128-row query blocks) equal the xla path, values and gradients; a call they cannot take, or a GPU that is not
-  a Hopper, is a ConfigError naming the reason."""
+  blocks (d 64: dq fused, each warpgroup forming its 64 rows of 128-row query blocks) equal the xla path, values
+  and gradients; a call they cannot take, or a GPU that is not a Hopper, is a ConfigError naming the reason."""
   q, k, v, do = _qkv(2, 1, 256, 4, 2, 64)
   assert ops.mosaic_blocks(64) == mosaic.MosaicBlocks(fused_dq=True, dkv_q=128, overlap=False)
   got = _out_and_grads(lambda q, k, v: ops.attention(q, k, v, impl="mosaic"), q, k, v, do)
@@ -120,7 +121,8 @@ def test_attention_impl_mosaic_dispatch(monkeypatch):
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a Hopper GPU (compiled Mosaic GPU kernels)")
 @pytest.mark.parametrize("h,kvh,d,blocks", [
     (12, 2, 128, dict()), (12, 2, 128, dict(fused_dq=True)), (14, 2, 64, dict(fused_dq=True, overlap=False)),
-    (14, 2, 64, dict(fused_dq=True, dkv_q=128, overlap=False)), (14, 2, 64, dict())])
+    (14, 2, 64, dict(fused_dq=True, dkv_q=128, overlap=False)), (14, 2, 64, dict()),
+    (12, 2, 128, dict(heavy_first=True))])
 def test_gpu_compiled_matches_cudnn(h, kvh, d, blocks):
   """The compiled kernels vs cuDNN at S = 2048, causal, bf16: outputs and gradients within 2 % of the largest."""
   q, k, v, do = _qkv(1, 1, 2048, h, kvh, d)
