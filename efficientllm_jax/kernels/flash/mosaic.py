@@ -466,9 +466,9 @@ def _dkv(q, k, v, do, lse, delta, p: MosaicParams):
             plgpu.barrier_arrive(ds_bar.at[half])
           return dst
 
-        def ds_both():  # fused: dS [bq, 128 keys] of both warpgroups, once the other one's half has landed
-          plgpu.barrier_wait(ds_bar.at[half])
-          return ds_sm.at[half].transpose((1, 0))
+        def ds_both(rows=None):  # fused: dS [bq (or its `rows`), 128 keys] of both warpgroups, once the other
+          plgpu.barrier_wait(ds_bar.at[half])  # warpgroup's half has landed
+          return (ds_sm.at[half] if rows is None else ds_sm.at[half, :, rows]).transpose((1, 0))
 
         # dv's product runs while dS^T is formed (overlap), then dk's (and with the split dq, this warpgroup's
         # part of dq = dS @ K); one wait for all
@@ -481,10 +481,7 @@ def _dkv(q, k, v, do, lse, delta, p: MosaicParams):
             ds_rows = ds_both
           else:  # this warpgroup's 64 rows of the 128-row query block, all of D
             dq_b, dq_block = k_sm, (b, pl.ds(row0 + wg * ROWS, ROWS), head)
-
-            def ds_rows():
-              plgpu.barrier_wait(ds_bar.at[half])
-              return ds_sm.at[half, :, pl.ds(wg * ROWS, ROWS)].transpose((1, 0))
+            ds_rows = functools.partial(ds_both, pl.ds(wg * ROWS, ROWS))
           if p.interpret:
             dv, dk = _mma_group(products, True)
             _dq_out(_mma(None, ds_rows(), dq_b, (dq_rows, dq_cols), True), wg, dq_ref.at[dq_block])
@@ -505,11 +502,11 @@ def _dkv(q, k, v, do, lse, delta, p: MosaicParams):
           dv, dk = _mma_group(products, p.interpret)
         plgpu.barrier_arrive(free.at[slot])  # q, dO, lse, delta of this slot are no longer read
         if how == "turns":
-          ds_both()
+          ds = ds_both()
 
           @pl.when(half == wg)
           def _():
-            dq = _mma(None, ds_sm.at[half].transpose((1, 0)), k_sm, (bq, d), p.interpret)
+            dq = _mma(None, ds, k_sm, (bq, d), p.interpret)
             _dq_out(dq, wg, dq_ref.at[b, pl.ds(row0, bq), head])
         return dk, dv
 
