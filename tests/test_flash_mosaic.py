@@ -4,17 +4,23 @@ needed: catches layout and shape errors); on a GPU the compiled kernels against 
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from efficientllm_jax.bench import profile
 from efficientllm_jax.config import ConfigError
 from efficientllm_jax.kernels.flash import mosaic
 from efficientllm_jax.kernels.flash.reference import reference_attention
 from efficientllm_jax.models.attention import ops
+from tests.conftest import ROOT
 
 
 def _qkv(seed, b, t, h, kvh, d, dtype=jnp.bfloat16):
@@ -74,6 +80,8 @@ def test_mosaic_gpu_lowering_for_cuda(h, kvh, d):
       return _out_and_grads(lambda q, k, v: mosaic.mosaic_attention(q, k, v, p), q, k, v, q)
     text = jax.jit(f).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 3, "expected the forward and the backward kernels as Mosaic GPU calls"
+    names = {"mosaic_flash_forward", "mosaic_flash_dkv"} | (set() if fused else {"mosaic_flash_dq"})
+    assert all(n in text for n in names) and {profile.category(n) for n in names} == {"attention"}
 
 
 def test_unsupported_names_the_reason():
@@ -105,6 +113,7 @@ def test_attention_impl_mosaic_dispatch(monkeypatch):
   and gradients; a call they cannot take, or a GPU that is not a Hopper, is a ConfigError naming the reason."""
   q, k, v, do = _qkv(2, 1, 256, 4, 2, 64)
   assert ops.mosaic_blocks(64) == mosaic.MosaicBlocks(fused_dq=True, dkv_q=128, overlap=False)
+  assert ops.mosaic_blocks(64).heavy_first and ops.mosaic_blocks(128).heavy_first
   got = _out_and_grads(lambda q, k, v: ops.attention(q, k, v, impl="mosaic"), q, k, v, do)
   want = _out_and_grads(lambda q, k, v: ops.attention(q, k, v, impl="xla"), q, k, v, do)
   for g, w in zip(got, want):
@@ -116,6 +125,51 @@ def test_attention_impl_mosaic_dispatch(monkeypatch):
   monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(ops, "_compute_capability", lambda: (8, 0))
   assert "compute capability (8, 0)" in ops.mosaic_supports(q, k, v, None)
+
+
+def test_auto_takes_mosaic_where_measured_faster(monkeypatch):
+  """attention.impl=auto on a Hopper GPU: the Mosaic kernels at the head dims and lengths where they beat cuDNN
+  (MOSAIC_AUTO_MAX_SEQ: d 64 to 32K, d 128 to 8K), cuDNN beyond, for calls they cannot take, and before Hopper."""
+  monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(ops, "_compute_capability", lambda: (9, 0))
+  monkeypatch.setattr(ops, "mosaic_attention", lambda q, k, v, scale: "mosaic")
+  monkeypatch.setattr(ops, "cudnn_attention", lambda q, k, v, scale, window=0: "cudnn")
+
+  def auto(t, d, h=12, kvh=2, **kw):
+    q = jax.ShapeDtypeStruct((1, t, h, d), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, t, kvh, d), jnp.bfloat16)
+    return ops.attention(q, kv, kv, impl="auto", **kw)
+
+  assert [auto(2048, 64), auto(8192, 128), auto(32768, 64), auto(8192, 64, 14, 2)] == ["mosaic"] * 4
+  assert auto(16384, 128) == "cudnn"  # d 128 at 32K: 0.92x cuDNN
+  assert auto(65536, 64) == "cudnn"  # not measured
+  assert auto(8192, 128, window=1024) == "cudnn"  # no window in the Mosaic kernels
+  assert auto(8000, 128) == "cudnn"  # T not a multiple of 128
+  assert auto(8192, 192) == "cudnn"
+  monkeypatch.setattr(ops, "_compute_capability", lambda: (8, 0))
+  assert auto(8192, 128) == "cudnn"
+
+
+def test_mosaic_runs_per_shard_on_a_mesh():
+  """ops.per_shard (4 simulated CPU devices, tests/mosaic_mesh_check.py): the kernel sees its device's rows and
+  heads, GQA groups intact; values and gradients through it on a data=2 x tensor=2 mesh equal the unsharded call;
+  the compiled Mosaic kernels lower for CUDA inside the shard_map, backward included, and the remat policy still
+  keeps their residuals."""
+  flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+  r = subprocess.run([sys.executable, "-m", "tests.mosaic_mesh_check"], cwd=ROOT, capture_output=True, text=True,
+                     env=dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu"), timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  assert out["dp2_tp2"] == [[[2, 128, 2, 64], [2, 128, 1, 64]]]  # batch 4 over data=2, heads 4/2 over tensor=2
+  assert out["fsdp4"] == [[[1, 128, 4, 64], [1, 128, 2, 64]]]  # batch over fsdp too
+  assert out["mqa_tp2"] == [[[1, 128, 4, 64], [1, 128, 1, 64]]]  # one K/V head: heads whole, batch still split
+  assert out["odd_batch"] == [[[3, 128, 4, 64], [3, 128, 2, 64]]]  # 3 rows do not split over 2: run whole
+  assert max(out["errors"]) < 1e-6, out["errors"]
+  assert out["out_spec"] == "P('data', None, 'tensor', None)"
+  # the kernels run inside shard_maps; remat dots_attention keeps the forward's residuals (2 kernel calls: forward,
+  # fused backward), remat full runs the forward again (3)
+  assert out["lowered"]["dots_attention"] == dict(mosaic_calls=2, manual=2), out["lowered"]
+  assert out["lowered"]["full"] == dict(mosaic_calls=3, manual=3), out["lowered"]
 
 
 @pytest.mark.gpu

@@ -218,9 +218,12 @@ def _grid(axes: dict[str, int], work: str, p: MosaicParams):
 
 
 def _kernel(body, out_type, scratch, grid, names, p: MosaicParams):
+  """The Mosaic GPU kernel of `body`, named after the function that defines it (mosaic_flash_forward / _dq /
+  _dkv: profiles file the names under attention, efficientllm_jax/bench/profile.py)."""
   return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=names,
                       num_threads=3, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
-                      interpret=plgpu.InterpretGPUParams() if p.interpret else None)
+                      interpret=plgpu.InterpretGPUParams() if p.interpret else None,
+                      kernel_name="mosaic_flash" + body.__qualname__.split(".")[0])
 
 
 def _dims(q, k):

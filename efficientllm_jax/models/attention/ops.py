@@ -12,9 +12,10 @@ Variants (gqa.py, mla.py, ...) build q/k/v; `attention()` picks the kernel by `i
   mosaic the Mosaic GPU flash kernels of kernels/flash/mosaic.py (Hopper: TMA + wgmma; interpret mode on CPU):
          causal self-attention without bias or window, q/k/v head dims 64 or 128, T a multiple of 128, bf16/fp16;
          anything else is a ConfigError naming the reason. Its backward: `mosaic_blocks`.
-  auto   GPU: pallas for a bias measured faster there (ALiBi, T5: `pallas_on_gpu`), else cudnn where
-         `cudnn_supports` says it applies, else xla (the reason is logged once); TPU: pallas where
-         `pallas_supports` says it applies, else xla; CPU: xla.
+  auto   GPU: pallas for a bias measured faster there (ALiBi, T5: `pallas_on_gpu`), else mosaic on a Hopper GPU
+         where `mosaic_supports` says it applies and `MOSAIC_AUTO_MAX_SEQ` says it was measured faster than
+         cuDNN, else cudnn where `cudnn_supports` says it applies, else xla (the reason is logged once);
+         TPU: pallas where `pallas_supports` says it applies, else xla; CPU: xla.
 Layouts: q [B, T, H, Dqk], k [B, S, K, Dqk], v [B, S, K, Dv] with H % K == 0 (query head h uses K/V head
 h // (H / K), the grouping of jax.nn.dot_product_attention). Query i sits at position q_offset + i, key j at j.
 A logit bias (relative / ALiBi positions) is an object with `dense(q_pos [t], k_pos [s]) -> [H, t, s]` (fp32,
@@ -25,6 +26,7 @@ pallas kernel takes its `kernel_terms()` (kind, distance thresholds, per-head co
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 
@@ -33,6 +35,7 @@ import jax.numpy as jnp
 
 from efficientllm_jax.config import ConfigError
 from efficientllm_jax.models import remat
+from efficientllm_jax.parallel import sharding as sh
 
 XLA_BLOCK_Q = 512  # queries per block of the chunked xla path: logits of [B, H, 512, S] fp32 at a time
 MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked (padding) row stays NaN-free
@@ -208,12 +211,26 @@ def mosaic_supports(q, k, v, bias, window: int = 0) -> str | None:
   return mosaic.unsupported(q, k, v, window=window, bias=bias)
 
 
+# auto takes the Mosaic GPU kernels up to this sequence length per head dim: where their forward+backward was
+# measured at least as fast as cuDNN's (benchmarks/RESULTS.md, session 9, H200, causal GQA 12/2, 14/2, 16/2:
+# d 64 1.05-1.54x at 2K, 8K and 32K; d 128 1.01-1.20x at 2K and 8K, 0.92-0.93x at 32K).
+MOSAIC_AUTO_MAX_SEQ = {64: 32768, 128: 8192}
+
+
+def mosaic_auto(q, k, v, bias, window: int = 0) -> bool:
+  """Whether auto takes the Mosaic GPU kernels for this call (a Hopper GPU, a shape they take and won on)."""
+  if jax.default_backend() != "gpu" or q.shape[1] > MOSAIC_AUTO_MAX_SEQ.get(q.shape[-1], 0):
+    return False
+  return mosaic_supports(q, k, v, bias, window) is None
+
+
 def mosaic_blocks(head_dim: int):
   """The measured-best Mosaic backward per head dim (benchmarks/RESULTS.md, sessions 7 and 8, H200, 8K causal): at
   d 64 dq fused into the dk / dv kernel over 128-row query blocks, each warpgroup forming the dq of its own 64 rows,
   dS^T formed before dv's product (0.97x cuDNN, against 0.90-0.93x with 64-row blocks, where the warpgroups take
   turns at dq); at d 128 the separate dq kernel with the overlap (0.84-0.89x, against 0.79-0.81x fused, whose
-  dk / dv kernel spills registers)."""
+  dk / dv kernel spills registers). Both launch their CTAs longest first (`heavy_first`, session 9: 1.15x and
+  1.10x cuDNN)."""
   from efficientllm_jax.kernels.flash import mosaic  # noqa: PLC0415
   if head_dim == 64:
     return mosaic.MosaicBlocks(fused_dq=True, dkv_q=128, overlap=False)
@@ -224,7 +241,30 @@ def mosaic_attention(q, k, v, *, scale: float):
   from efficientllm_jax.kernels.flash import mosaic  # noqa: PLC0415
   params = mosaic.MosaicParams(scale=scale, causal=True, blocks=mosaic_blocks(q.shape[-1]),
                                interpret=jax.default_backend() == "cpu")
-  return remat.keep_residuals(lambda q, k, v: mosaic.mosaic_attention(q, k, v, params))(q, k, v)
+  # per_shard inside keep_residuals: the residuals are named outside the shard_map, where the remat policy sees them
+  return remat.keep_residuals(lambda q, k, v: per_shard(functools.partial(mosaic.mosaic_attention, params=params),
+                                                        q, k, v))(q, k, v)
+
+
+def per_shard(fn, q, k, v):
+  """fn(q, k, v) on each device's share of the batch (and of the heads, under tensor parallelism, when both the
+  query and the K/V heads divide): a Pallas kernel is a custom call XLA cannot partition, so on a mesh it would
+  otherwise gather the whole arrays onto every device. No active mesh, or nothing split: fn(q, k, v)."""
+  ctx = sh.active_mesh()
+  if ctx is None:
+    return fn(q, k, v)
+  mesh, rules = ctx
+  _, batch = sh.batch_axes()
+  if q.shape[0] % math.prod(mesh.shape[a] for a in batch):
+    batch = ()
+  heads = tuple(a for a in sh.mesh_axes(rules.get("act_heads")) if mesh.shape[a] > 1 and a not in batch)
+  split = math.prod(mesh.shape[a] for a in heads)
+  if q.shape[2] % split or k.shape[2] % split:
+    heads = ()  # e.g. MQA's one K/V head under tensor=2: the heads stay whole (GQA groups must not be cut)
+  if not batch and not heads:
+    return fn(q, k, v)
+  spec = jax.sharding.PartitionSpec(batch or None, None, heads or None, None)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
 
 
 def attention(q, k, v, *, impl: str = "auto", scale: float | None = None, bias=None, window: int = 0,
@@ -250,6 +290,8 @@ def attention(q, k, v, *, impl: str = "auto", scale: float | None = None, bias=N
     if backend == "cpu":
       _log_once("attention.impl=mosaic on CPU: the Mosaic GPU kernels run in Pallas' GPU interpret mode (slow, "
                 "meant for tests)", logging.WARNING)
+    return mosaic_attention(q, k, v, scale=scale)
+  if impl == "auto" and mosaic_auto(q, k, v, bias, window):
     return mosaic_attention(q, k, v, scale=scale)
   if impl in ("auto", "cudnn"):
     reason = cudnn_supports(q, k, v, bias)
