@@ -16,6 +16,8 @@
 #         t5 (1 GPU: the flash kernel's T5 bias: GPU test, kernel vs xla, 1.5B training through pallas vs xla),
 #         grid (1 GPU: flash attention vs cuDNN at 2K and 8K, all head dims and layouts),
 #         ep4 (4 GPUs: expert-parallel GPU test, MoE 1.5Bx8 over expert=4 through the sbatch script),
+#         perf05 (1 GPU: the 0.5B step with the Mosaic kernels (auto) and with cuDNN, each profiled, and the peer;
+#                 ~9 minutes on a cold compile cache),
 #         mosaic (1 GPU: the Mosaic GPU flash kernels' GPU test, then vs cuDNN and the Triton kernel at 8K, and the
 #                 backward's fused_dq / overlap / dq_k / dkv_q / heavy_first switches at d 128 / 64 against
 #                 cuDNN, interleaved; ~7 minutes).
@@ -139,6 +141,11 @@ for b, h, kvh, d in ((2, 12, 2, 128), (4, 14, 2, 64)):
     print(f"B {b} heads {h}/{kvh} d {d} {key}: fwd+bwd {t * 1e3:.3f} ms ({best['cudnn'] / t:.2f}x cuDNN)")
 PY
           ;;
+  perf05)  # the 0.5B step's device-time breakdown with the Mosaic kernels (auto on Hopper) and with cuDNN, peer
+    B="model.scan_layers=False;train.logits_dtype=bfloat16;train.loss_chunk=8192"
+    timeout 560 python benchmarks/throughput.py --config=configs/base.py:0.5B --steps=8 --timeout_s=240 --profile=2 \
+      --profile_top=16 --json=$out/perf05m.json --override="$B" --override="$B;attention.impl=cudnn" 2>&1 \
+      | grep -v "^{" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
 # At most a few files come back from a device call: one archive of summaries, tables, configs and metrics rows.
