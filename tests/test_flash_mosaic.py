@@ -177,7 +177,10 @@ def test_mosaic_runs_per_shard_on_a_mesh():
 @pytest.mark.parametrize("h,kvh,d,blocks", [
     (12, 2, 128, dict()), (12, 2, 128, dict(fused_dq=True)), (14, 2, 64, dict(fused_dq=True, overlap=False)),
     (14, 2, 64, dict(fused_dq=True, dkv_q=128, overlap=False)), (14, 2, 64, dict()),
-    (12, 2, 128, dict(heavy_first=False))])
+    (12, 2, 128, dict(heavy_first=False)),
+    # MQA and MHA at 0.5B's d 64 with its blocks (auto sends the attention sweep's mqa / mha 0.5B runs here)
+    (14, 1, 64, dict(fused_dq=True, dkv_q=128, overlap=False)),
+    (14, 14, 64, dict(fused_dq=True, dkv_q=128, overlap=False))])
 def test_gpu_compiled_matches_cudnn(h, kvh, d, blocks):
   """The compiled kernels vs cuDNN at S = 2048, causal, bf16: outputs and gradients within 2 % of the largest."""
   q, k, v, do = _qkv(1, 1, 2048, h, kvh, d)
