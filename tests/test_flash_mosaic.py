@@ -5,6 +5,7 @@ needed: catches layout and shape errors); on a GPU the compiled kernels against 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -127,7 +128,7 @@ def test_attention_impl_mosaic_dispatch(monkeypatch):
   assert "compute capability (8, 0)" in ops.mosaic_supports(q, k, v, None)
 
 
-def test_auto_takes_mosaic_where_measured_faster(monkeypatch):
+def test_auto_takes_mosaic_where_measured_faster(monkeypatch, caplog):
   """attention.impl=auto on a Hopper GPU: the Mosaic kernels at the head dims and lengths where they beat cuDNN
   (MOSAIC_AUTO_MAX_SEQ: d 64 to 32K, d 128 to 8K), cuDNN beyond, for calls they cannot take, and before Hopper."""
   monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
@@ -140,7 +141,9 @@ def test_auto_takes_mosaic_where_measured_faster(monkeypatch):
     kv = jax.ShapeDtypeStruct((1, t, kvh, d), jnp.bfloat16)
     return ops.attention(q, kv, kv, impl="auto", **kw)
 
-  assert [auto(2048, 64), auto(8192, 128), auto(32768, 64), auto(8192, 64, 14, 2)] == ["mosaic"] * 4
+  with caplog.at_level(logging.INFO):
+    assert [auto(2048, 64), auto(8192, 128), auto(32768, 64), auto(8192, 64, 14, 2)] == ["mosaic"] * 4
+  assert "auto takes the Mosaic GPU kernels (head dim 128, T 8192" in caplog.text  # which kernel ran is logged
   assert auto(16384, 128) == "cudnn"  # d 128 past 8K (at 32K: 0.92x cuDNN)
   assert auto(65536, 64) == "cudnn"  # not measured
   assert auto(8192, 128, window=1024) == "cudnn"  # no window in the Mosaic kernels
