@@ -4,12 +4,8 @@ needed: catches layout and shape errors); on a GPU the compiled kernels against 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +17,6 @@ from efficientllm_jax.config import ConfigError
 from efficientllm_jax.kernels.flash import mosaic
 from efficientllm_jax.kernels.flash.reference import reference_attention
 from efficientllm_jax.models.attention import ops
-from tests.conftest import ROOT
 
 
 def _qkv(seed, b, t, h, kvh, d, dtype=jnp.bfloat16):
@@ -151,28 +146,6 @@ def test_auto_takes_mosaic_where_measured_faster(monkeypatch, caplog):
   assert auto(8192, 192) == "cudnn"
   monkeypatch.setattr(ops, "_compute_capability", lambda: (8, 0))
   assert auto(8192, 128) == "cudnn"
-
-
-def test_mosaic_runs_per_shard_on_a_mesh():
-  """ops.per_shard (4 simulated CPU devices, tests/mosaic_mesh_check.py): the kernel sees its device's rows and
-  heads, GQA groups intact; values and gradients through it on a data=2 x tensor=2 mesh equal the unsharded call;
-  the compiled Mosaic kernels lower for CUDA inside the shard_map, backward included, and the remat policy still
-  keeps their residuals."""
-  flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
-  r = subprocess.run([sys.executable, "-m", "tests.mosaic_mesh_check"], cwd=ROOT, capture_output=True, text=True,
-                     env=dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu"), timeout=300)
-  assert r.returncode == 0, r.stderr[-3000:]
-  out = json.loads(r.stdout.strip().splitlines()[-1])
-  assert out["dp2_tp2"] == [[[2, 128, 2, 64], [2, 128, 1, 64]]]  # batch 4 over data=2, heads 4/2 over tensor=2
-  assert out["fsdp4"] == [[[1, 128, 4, 64], [1, 128, 2, 64]]]  # batch over fsdp too
-  assert out["mqa_tp2"] == [[[1, 128, 4, 64], [1, 128, 1, 64]]]  # one K/V head: heads whole, batch still split
-  assert out["odd_batch"] == [[[3, 128, 4, 64], [3, 128, 2, 64]]]  # 3 rows do not split over 2: run whole
-  assert max(out["errors"]) < 1e-6, out["errors"]
-  assert out["out_spec"] == "P('data', None, 'tensor', None)"
-  # the kernels run inside shard_maps; remat dots_attention keeps the forward's residuals (2 kernel calls: forward,
-  # fused backward), remat full runs the forward again (3)
-  assert out["lowered"]["dots_attention"] == dict(mosaic_calls=2, manual=2), out["lowered"]
-  assert out["lowered"]["full"] == dict(mosaic_calls=3, manual=3), out["lowered"]
 
 
 @pytest.mark.gpu

@@ -1,4 +1,5 @@
-"""Sharded training on 8 simulated CPU devices equals the single-device run; parameters follow the rules."""
+"""Sharded training on 8 simulated CPU devices equals the single-device run; parameters follow the rules; the
+attention kernels run per device on a mesh."""
 
 import json
 import os
@@ -113,3 +114,27 @@ def test_two_processes_feeding_their_own_rows_equal_one_process(dense_runs, tmp_
   assert got["eval_first_rows"] == [0, 2, 4, 6]  # process 0's eval rows: every 2nd row of the micro-batch
   assert (tmp_path / "w0" / "metrics.jsonl").read_text().count("\n") == 1
   assert not (tmp_path / "w1" / "metrics.jsonl").exists() and not (tmp_path / "w1" / "tb").exists()
+
+
+def test_attention_kernels_run_per_device_on_a_mesh():
+  """ops.per_shard (4 simulated CPU devices, tests/kernel_mesh_check.py): a kernel sees its device's rows and
+  heads, GQA groups intact; on a data=2 x tensor=2 mesh the xla path, the Pallas flash kernel with a step bias
+  (whose coefficients split with the heads and get their gradient summed over the batch shards) and the NSA
+  kernels equal the unsharded call in values and gradients; the compiled Mosaic kernels lower for CUDA inside the
+  shard_map, backward included, and the remat policy still keeps their residuals."""
+  r = subprocess.run([sys.executable, "-m", "tests.kernel_mesh_check"], cwd=ROOT, env=_cpu_devices_env(4),
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  assert out["dp2_tp2"] == [[[2, 128, 2, 64], [2, 128, 1, 64]]]  # batch 4 over data=2, heads 4/2 over tensor=2
+  assert out["fsdp4"] == [[[1, 128, 4, 64], [1, 128, 2, 64]]]  # batch over fsdp too
+  assert out["mqa_tp2"] == [[[1, 128, 4, 64], [1, 128, 1, 64]]]  # one K/V head: heads whole, batch still split
+  assert out["odd_batch"] == [[[3, 128, 4, 64], [3, 128, 2, 64]]]  # 3 rows do not split over 2: run whole
+  for path, (errors, spec) in out["values"].items():
+    assert max(errors) < 1e-5, (path, errors)
+    assert spec == "P('data', None, 'tensor', None)", (path, spec)
+  assert len(out["values"]["pallas_t5"][0]) == 5 and len(out["values"]["nsa"][0]) == 8  # outputs and gradients
+  # the kernels run inside shard_maps; remat dots_attention keeps the forward's residuals (2 kernel calls: forward,
+  # fused backward), remat full runs the forward again (3)
+  assert out["lowered"]["dots_attention"] == dict(mosaic_calls=2, manual=2), out["lowered"]
+  assert out["lowered"]["full"] == dict(mosaic_calls=3, manual=3), out["lowered"]

@@ -323,8 +323,9 @@ class NSAAttention(nnx.Module):
         raise ValueError("attention.nsa.impl=pallas takes no logit bias (relative / ALiBi): use impl=reference")
       # keep_residuals: remat policies that keep attention kernels (dots_attention, the default) save the kernels'
       # outputs and residuals instead of running the whole sparse forward (both branches, the selection, the
-      # lists) again in the backward pass.
-      core = functools.partial(sparse_branches_pallas, **self.geometry)
+      # lists) again in the backward pass. On a mesh the kernels run per device (ops.per_shard: batch, heads).
+      core = functools.partial(ops.per_shard, functools.partial(sparse_branches_pallas, **self.geometry),
+                               layouts=("bthd", "bnkd", "bnkd", "bskd", "bskd"), out_layouts=("bthd", "bthd", "bktn"))
       o_cmp, o_slc, idx = remat.keep_residuals(core)(q, kc, vc, ks, vs)
     else:
       o_cmp, o_slc, idx = sparse_branches(q, kc, vc, end_n, ks, vs, bias=ctx.bias, query_chunk=self.query_chunk,

@@ -196,8 +196,13 @@ def pallas_attention(q, k, v, *, scale: float, bias=None, window: int = 0, q_off
   kw = dict(scale=scale, window=window, q_offset=q_offset, bias_kind=kind, bias_thresholds=thresholds,
             **dataclasses.asdict(blocks or PallasBlocks()))
   if coef_nh is None:
-    return remat.keep_residuals(lambda q, k, v: flash_attention(q, k, v, bias_coef_nh=None, **kw))(q, k, v)
-  return remat.keep_residuals(lambda q, k, v, c: flash_attention(q, k, v, bias_coef_nh=c, **kw))(q, k, v, coef_nh)
+    kernel = functools.partial(flash_attention, bias_coef_nh=None, **kw)
+    return remat.keep_residuals(lambda q, k, v: per_shard(kernel, q, k, v))(q, k, v)
+
+  def kernel_with_bias(q, k, v, c):
+    return flash_attention(q, k, v, bias_coef_nh=c, **kw)
+  layouts = ("bthd", "bskd", "bskd", "nh")  # the bias coefficients [N, H]: split with the query heads
+  return remat.keep_residuals(lambda *a: per_shard(kernel_with_bias, *a, layouts=layouts))(q, k, v, coef_nh)
 
 
 def mosaic_supports(q, k, v, bias, window: int = 0) -> str | None:
@@ -246,25 +251,32 @@ def mosaic_attention(q, k, v, *, scale: float):
                                                         q, k, v))(q, k, v)
 
 
-def per_shard(fn, q, k, v):
-  """fn(q, k, v) on each device's share of the batch (and of the heads, under tensor parallelism, when both the
-  query and the K/V heads divide): a Pallas kernel is a custom call XLA cannot partition, so on a mesh it would
-  otherwise gather the whole arrays onto every device. No active mesh, or nothing split: fn(q, k, v)."""
+def per_shard(fn, *args, layouts: tuple[str, ...] = ("bthd", "bskd", "bskd"), out_layouts="bthd"):
+  """fn(*args) on each device's share of the batch (and of the heads, under tensor parallelism, when every head
+  count divides): a Pallas kernel is a custom call XLA cannot partition, so on a mesh it would otherwise gather
+  the whole arrays onto every device. `layouts` name each argument's dims, `out_layouts` each output's (a string,
+  or a tuple of them for a tuple of outputs): "b" the batch, "h" query heads, "k" K/V heads, any other letter a dim
+  that stays whole (e.g. "nh" for per-head coefficients without a batch dim). No active mesh, or nothing split:
+  fn(*args)."""
   ctx = sh.active_mesh()
   if ctx is None:
-    return fn(q, k, v)
+    return fn(*args)
   mesh, rules = ctx
+  def dims(letters):
+    return [n for x, lay in zip(args, layouts) for c, n in zip(lay, x.shape) if c in letters]
   _, batch = sh.batch_axes()
-  if q.shape[0] % math.prod(mesh.shape[a] for a in batch):
+  if any(n % math.prod(mesh.shape[a] for a in batch) for n in dims("b")):
     batch = ()
   heads = tuple(a for a in sh.mesh_axes(rules.get("act_heads")) if mesh.shape[a] > 1 and a not in batch)
-  split = math.prod(mesh.shape[a] for a in heads)
-  if q.shape[2] % split or k.shape[2] % split:
+  if any(n % math.prod(mesh.shape[a] for a in heads) for n in dims("hk")):
     heads = ()  # e.g. MQA's one K/V head under tensor=2: the heads stay whole (GQA groups must not be cut)
   if not batch and not heads:
-    return fn(q, k, v)
-  spec = jax.sharding.PartitionSpec(batch or None, None, heads or None, None)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
+    return fn(*args)
+  axes = {"b": batch or None, "h": heads or None, "k": heads or None}
+  spec = lambda lay: jax.sharding.PartitionSpec(*(axes.get(c) for c in lay))  # noqa: E731
+  out_specs = spec(out_layouts) if isinstance(out_layouts, str) else tuple(spec(o) for o in out_layouts)
+  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(lay) for lay in layouts), out_specs=out_specs,
+                       check_vma=False)(*args)
 
 
 def attention(q, k, v, *, impl: str = "auto", scale: float | None = None, bias=None, window: int = 0,
