@@ -107,7 +107,7 @@ def test_attention_impl_mosaic_dispatch(monkeypatch):
   """attention.impl=mosaic through models/attention/ops.py: on CPU the interpreted kernels with the per-head-dim
   blocks (d 64: dq fused, each warpgroup forming its 64 rows of 128-row query blocks) equal the xla path, values
   and gradients; a call they cannot take, or a GPU that is not a Hopper, is a ConfigError naming the reason."""
-  q, k, v, do = _qkv(2, 1, 256, 4, 2, 64)
+  q, k, v, do = _qkv(2, 1, 256, 2, 1, 64)
   assert ops.mosaic_blocks(64) == mosaic.MosaicBlocks(fused_dq=True, dkv_q=128, overlap=False)
   assert ops.mosaic_blocks(64).heavy_first and ops.mosaic_blocks(128).heavy_first
   got = _out_and_grads(lambda q, k, v: ops.attention(q, k, v, impl="mosaic"), q, k, v, do)
