@@ -78,8 +78,8 @@ def _on_mesh(fn, args, layouts, out_layouts, cot=None):
 def per_shard_values():
   """{path: (errors, first output's spec)} for the Pallas flash kernel with a T5-style step bias (GQA: each
   device holds 2 of the 4 query heads and the 1 of the 2 K/V heads they read; the coefficients [N, H] split with
-  the heads, and their gradient sums over the batch shards), values and gradients; and the NSA kernels' outputs
-  (compressed and selected branches, their block ids: the layouts of compressed K/V and of the ids). (Pallas' GPU
+  the heads, and their gradient sums over the batch shards), values and gradients; and the shapes the NSA kernels
+  see and return on the mesh (compressed K/V, block ids). (Pallas' GPU
   interpreter cannot run the Mosaic kernels on several simulated devices: its end-of-kernel check reads every
   device's barriers; they are lowered instead, below.)"""
   qkv = ("bthd", "bskd", "bskd")
@@ -99,19 +99,21 @@ def per_shard_values():
   flash = lambda q, k, v, c: ops.pallas_attention(q, k, v, scale=0.2, bias=StepBias(c))  # noqa: E731
   out["pallas_t5"] = _on_mesh(flash, (q32, k32, v32, coef), (*qkv, "nh"), "bthd", do32)
 
+  # the NSA kernels: per-device shapes of their inputs and outputs (compressed K/V "bnkd", block ids "bktn")
   geom = dict(compress_block=16, compress_stride=8, select_block=16, num_selected=4, local_blocks=1,
               blocks=nsa_kernel.Blocks(cmp_q=16, cmp_k=16, slc_q=16, interpret=True))
   t, nc = 64, nsa.num_compressed(64, 16, 8)
-  ks_ = jax.random.split(jax.random.key(5), 5)
-  qn = jax.random.normal(ks_[0], (2, t, 4, 16), jnp.float32)
-  kc, vc = (jax.random.normal(ks_[i], (2, nc, 2, 16), jnp.float32) for i in (1, 2))
-  ks, vs = (jax.random.normal(ks_[i], (2, t, 2, 16), jnp.float32) for i in (3, 4))
+  qn, ks = (jax.ShapeDtypeStruct((4, t, h, 16), jnp.float32) for h in (4, 2))
+  kc = jax.ShapeDtypeStruct((4, nc, 2, 16), jnp.float32)
+  seen = []
 
-  def branches(q, kc, vc, ks, vs):
-    o_cmp, o_slc, idx = nsa.sparse_branches_pallas(q, kc, vc, ks, vs, **geom)
-    return o_cmp, o_slc, idx.astype(jnp.float32)  # the ids compared as values
-  out["nsa"] = _on_mesh(branches, (qn, kc, vc, ks, vs), ("bthd", "bnkd", "bnkd", "bskd", "bskd"),
-                        ("bthd", "bthd", "bktn"))
+  def branches(*a):
+    seen.append([list(x.shape) for x in a])
+    return nsa.sparse_branches_pallas(*a, **geom)
+  with sh.activation_sharding(_mesh(data=2, tensor=2), dict(sh.DEFAULT_RULES)):
+    outs = jax.eval_shape(lambda *a: ops.per_shard(branches, *a, layouts=("bthd", "bnkd", "bnkd", "bskd", "bskd"),
+                                                   out_layouts=("bthd", "bthd", "bktn")), qn, kc, kc, ks, ks)
+  out["nsa_shapes"] = dict(inside=seen, outputs=[list(o.shape) for o in outs])
   return out
 
 

