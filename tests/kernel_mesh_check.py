@@ -9,7 +9,6 @@ NSA kernels (interpreted); the Mosaic GPU kernels through it lowered for CUDA on
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 
@@ -18,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from efficientllm_jax.models import remat
 from efficientllm_jax.kernels.nsa import kernel as nsa_kernel
+from efficientllm_jax.models import remat
 from efficientllm_jax.models.attention import nsa, ops
 from efficientllm_jax.parallel import sharding as sh
 

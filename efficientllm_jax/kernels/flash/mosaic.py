@@ -32,6 +32,8 @@ Scheduling and register use (each choice measured on an H200, benchmarks/RESULTS
     built from two 1-D iotas broadcast in registers. Full-tile iotas, hoisted out of the loops, held registers
     for the whole kernel: the dk / dv kernel spilled 72 bytes at d 128 with them and 16 without, the fused d 64
     kernel over 128-row query blocks 424 and 148.
+  - `heavy_first` (session 9): causal CTAs launch longest first instead of as a row-major sawtooth per (batch,
+    head); see `_grid`. fwd+bwd 0.90x -> 1.10x cuDNN at d 128, 1.00x -> 1.15x at d 64 (the figures below predate it).
   - not used, slower: P^T and dS^T passed to dv's and dk's products through shared memory (more spills, 0.75x
     against 0.86x at d 128); v dO^T issued after P^T is formed, to shorten the live ranges (no spills, 0.78x
     against 0.97x at d 64).

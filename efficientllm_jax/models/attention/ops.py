@@ -262,7 +262,8 @@ def per_shard(fn, *args, layouts: tuple[str, ...] = ("bthd", "bskd", "bskd"), ou
   if ctx is None:
     return fn(*args)
   mesh, rules = ctx
-  def dims(letters):
+
+  def dims(letters):  # the sizes of every argument's dims named by `letters`
     return [n for x, lay in zip(args, layouts) for c, n in zip(lay, x.shape) if c in letters]
   _, batch = sh.batch_axes()
   if any(n % math.prod(mesh.shape[a] for a in batch) for n in dims("b")):
