@@ -18,8 +18,10 @@ imported only in the peer's process; without them the peer is skipped with a mes
 
 Every run (each --override set of ours, then the peer) is its own subprocess: memory is freed between runs and
 each peak is its own (ours: the device allocator's peak_bytes_in_use; peer: torch.cuda.max_memory_allocated).
-MFU for both is efficientllm_jax.metrics.flops.training_flops_per_step of the same config (model FLOPs, remat
-not counted) over the device's bf16 peak.
+Over the timed steps both also report the GPU's mean board power (W) and energy per step (J/step), through
+metrics.monitor.DeviceMonitor (NVML; n/a without it). MFU for both is
+efficientllm_jax.metrics.flops.training_flops_per_step of the same config (model FLOPs, remat not counted) over the
+device's bf16 peak.
 
 --set=key=value (repeatable) changes the shared config (ours and the peer's shapes). --override (repeatable) is
 one set of ours only: items separated by ';', each key=value; `config=FILE:ARG` starts that set from another
@@ -114,6 +116,52 @@ def report(name: str, cfg, step_s: float, peak_bytes: float | None, device_kind:
           "device": device_kind, "tokens_per_step": tokens, "flops_per_step": step_flops, **extra}
 
 
+class _TorchGPU:
+  """A torch CUDA device in the shape metrics.monitor.DeviceMonitor reads (platform, PCI bus id; no allocator
+  stats), so the peer's power is sampled the same way as ours."""
+  platform = "gpu"
+
+  def __init__(self, torch, index: int = 0):
+    p = torch.cuda.get_device_properties(index)
+    self.device_kind = p.name
+    self.local_hardware_id = index
+    self.pci_bus_id = f"{p.pci_domain_id:04x}:{p.pci_bus_id:02x}:{p.pci_device_id:02x}.0"
+
+  def memory_stats(self):
+    return None
+
+
+def power_meter(devices=None):
+  """A started DeviceMonitor sampling every 0.1 s (NVML board power and energy counter), or None without NVML
+  (CPU, no nvidia-ml-py): the timed steps' mean power and energy per step then read n/a."""
+  from efficientllm_jax.metrics.monitor import DeviceMonitor  # noqa: PLC0415
+  try:
+    mon = DeviceMonitor(devices, interval_s=0.1)
+  except Exception:  # information only: never fail a timing run on it
+    return None
+  if mon.reasons["power_W"]:
+    mon.stop()
+    return None
+  return mon.start()
+
+
+def power_of(mon, t0: float, t1: float, steps: int) -> dict:
+  """Mean board power (W) and energy per step (J, from NVML's energy counter) of device 0 between t0 and t1.
+  On a power-capped card (an H200 runs its 700 W cap in our steps, the SM clock dropping from 1980 to ~1600 MHz)
+  a step's speed depends on its energy, so these say why two runs differ."""
+  if mon is None:
+    return {}
+  mon.read()  # one sample at the end of the window (the monitor started just before it)
+  rs = mon.readings()
+  mon.stop()
+  watts = [r.values["power_W"][0] for r in rs if r.values["power_W"][0] is not None]
+  joules = [(r.t, r.values["energy_J"][0]) for r in rs if r.values["energy_J"][0] is not None]
+  out = {"power_W": sum(watts) / len(watts) if watts else None, "power_limit_W": mon.power_limit_W[0]}
+  if len(joules) >= 2 and joules[-1][0] > joules[0][0]:  # the counter's mean power times the step time
+    out["energy_J_per_step"] = (joules[-1][1] - joules[0][1]) / (joules[-1][0] - joules[0][0]) * (t1 - t0) / steps
+  return out
+
+
 # ----- ours -----
 
 def run_ours(cfg, name: str, steps: int, warmup: int, profile_steps: int = 0, profile_dir: str = "",
@@ -140,11 +188,14 @@ def run_ours(cfg, name: str, steps: int, warmup: int, profile_steps: int = 0, pr
   for i in range(warmup):
     state, metrics = built.train_step(state, batches[(i + 1) % 2])
   jax.block_until_ready((state, metrics))
+  mon = power_meter()
   t0 = time.perf_counter()
   for i in range(steps):
     state, metrics = built.train_step(state, batches[i % 2])
   jax.block_until_ready((state, metrics))
-  step_s = (time.perf_counter() - t0) / steps
+  t1 = time.perf_counter()
+  step_s = (t1 - t0) / steps
+  power = power_of(mon, t0, t1, steps)
   last_loss = float(jax.device_get(metrics["loss"]))
   if not (np.isfinite(first_loss) and np.isfinite(last_loss)):
     raise SystemExit(f"non-finite loss: first {first_loss}, last {last_loss}")
@@ -163,7 +214,7 @@ def run_ours(cfg, name: str, steps: int, warmup: int, profile_steps: int = 0, pr
         jax.block_until_ready((state, metrics))
       extra["profile"] = profile.summarize(profile.find_trace(d), profile_steps, top=profile_top)
   return report(name, cfg, step_s, stats.get("peak_bytes_in_use"), dev.device_kind, compile_s=compile_s,
-                loss_first=first_loss, loss_last=last_loss, **extra)
+                loss_first=first_loss, loss_last=last_loss, **power, **extra)
 
 
 # ----- the PyTorch peer -----
@@ -228,13 +279,15 @@ def run_peer(cfg, steps: int, warmup: int, ckpt: str) -> dict:
         step(batches[(i + 1) % 2])
       torch.cuda.synchronize()
       setup_s = time.perf_counter() - t0
+      mon = power_meter([_TorchGPU(torch)])
       t0 = time.perf_counter()
       for i in range(steps):
         loss = step(batches[i % 2])
       torch.cuda.synchronize()
-      step_s = (time.perf_counter() - t0) / steps
+      t1 = time.perf_counter()
+      step_s = (t1 - t0) / steps
       return {"step_s": step_s, "loss_first": first * t.grad_accum, "loss_last": float(loss) * t.grad_accum,
-              "setup_s": setup_s, "peak": torch.cuda.max_memory_allocated()}
+              "setup_s": setup_s, "peak": torch.cuda.max_memory_allocated(), "power": power_of(mon, t0, t1, steps)}
     finally:
       del model, opt
       torch.cuda.empty_cache()
@@ -254,7 +307,8 @@ def run_peer(cfg, steps: int, warmup: int, ckpt: str) -> dict:
     r = attempt(True)
   name = label + (" +grad-ckpt" if used else "")
   return report(name, cfg, r["step_s"], r["peak"], torch.cuda.get_device_name(), torch=torch.__version__,
-                grad_checkpointing=used, loss_first=r["loss_first"], loss_last=r["loss_last"], setup_s=r["setup_s"])
+                grad_checkpointing=used, loss_first=r["loss_first"], loss_last=r["loss_last"], setup_s=r["setup_s"],
+                **r["power"])
 
 
 # ----- driver -----
@@ -299,7 +353,7 @@ def spawn(args, kind: str, override: str | None, index: int = 0) -> dict:
 
 def print_table(rows: list[dict]) -> None:
   peer = next((r for r in rows if r["name"].startswith("peer") and "skipped" not in r), None)
-  print(f"\n{'run':<64}{'tokens/s':>11}{'step ms':>10}{'MFU %':>8}{'peak GB':>9}{'vs peer':>9}")
+  print(f"\n{'run':<64}{'tokens/s':>11}{'step ms':>10}{'MFU %':>8}{'peak GB':>9}{'vs peer':>9}{'W':>6}{'J/step':>8}")
   for r in rows:
     if "skipped" in r:
       print(f"{r['name']:<64} skipped: {r['skipped']}")
@@ -307,7 +361,10 @@ def print_table(rows: list[dict]) -> None:
     mfu = f"{r['mfu'] * 100:.1f}" if r.get("mfu") else "n/a"
     mem = f"{r['peak_memory_GB']:.1f}" if r.get("peak_memory_GB") else "n/a"
     ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer else "-"
-    print(f"{r['name'][:63]:<64}{r['tokens_per_s']:>11,.0f}{r['step_s'] * 1e3:>10.1f}{mfu:>8}{mem:>9}{ratio:>9}")
+    watts = f"{r['power_W']:.0f}" if r.get("power_W") else "n/a"
+    joules = f"{r['energy_J_per_step']:.0f}" if r.get("energy_J_per_step") else "n/a"
+    print(f"{r['name'][:63]:<64}{r['tokens_per_s']:>11,.0f}{r['step_s'] * 1e3:>10.1f}{mfu:>8}{mem:>9}{ratio:>9}"
+          f"{watts:>6}{joules:>8}")
 
 
 def main() -> None:

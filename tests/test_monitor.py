@@ -126,3 +126,30 @@ def test_real_gpu_matches_and_reads():
   assert all(b >= a for a, b in zip(first.values["energy_J"], second.values["energy_J"]))
   kind = jax.devices()[0].device_kind
   assert flops.peak_flops_per_device(kind)[0], f"add {kind!r} to metrics/flops.py PEAK_FLOPS"
+
+
+def test_throughput_power_of_the_timed_window(monkeypatch):
+  """benchmarks/throughput.py's power columns: the mean sampled board power and the energy counter's rate times
+  the step time, for a JAX device and for a torch device found by its PCI bus id (the peer's)."""
+  import importlib.util
+  import types
+  from pathlib import Path
+  spec = importlib.util.spec_from_file_location(
+      "throughput", Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py")
+  tp = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tp)
+  clock = Clock(0.0)
+  install_fake_nvml(monkeypatch, clock)
+  props = types.SimpleNamespace(name="NVIDIA H200", pci_domain_id=0, pci_bus_id=0x3B, pci_device_id=0)
+  torch = types.SimpleNamespace(cuda=types.SimpleNamespace(get_device_properties=lambda i: props))
+  for devices in (gpus(clock), [tp._TorchGPU(torch)]):
+    mon = DeviceMonitor(devices, interval_s=3600, clock=clock)  # device 0 is "A": 200 + 100 t W, counter 300 W
+    for t in (0.0, 1.0):
+      clock.t = t
+      mon.read()
+    clock.t = 2.0  # power_of takes the last sample itself
+    got = tp.power_of(mon, 0.0, 2.0, steps=4)
+    assert got["power_W"] == pytest.approx(300.0)  # mean of 200, 300, 400
+    assert got["energy_J_per_step"] == pytest.approx(300.0 * 2.0 / 4)
+    assert got["power_limit_W"] == 700.0
+  assert tp.power_of(None, 0.0, 1.0, steps=1) == {}
