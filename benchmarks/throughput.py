@@ -131,12 +131,12 @@ class _TorchGPU:
     return None
 
 
-def power_meter(devices=None):
-  """A started DeviceMonitor sampling every 0.1 s (NVML board power and energy counter), or None without NVML
-  (CPU, no nvidia-ml-py): the timed steps' mean power and energy per step then read n/a."""
+def power_meter(devices=lambda: None):
+  """A started DeviceMonitor of `devices()` (None: JAX's) sampling every 0.1 s (NVML board power and energy
+  counter), or None without NVML (CPU, no nvidia-ml-py) or on any error: power and energy then read n/a."""
   from efficientllm_jax.metrics.monitor import DeviceMonitor  # noqa: PLC0415
   try:
-    mon = DeviceMonitor(devices, interval_s=0.1)
+    mon = DeviceMonitor(devices(), interval_s=0.1)
   except Exception:  # information only: never fail a timing run on it
     return None
   if mon.reasons["power_W"]:
@@ -279,7 +279,7 @@ def run_peer(cfg, steps: int, warmup: int, ckpt: str) -> dict:
         step(batches[(i + 1) % 2])
       torch.cuda.synchronize()
       setup_s = time.perf_counter() - t0
-      mon = power_meter([_TorchGPU(torch)])
+      mon = power_meter(lambda: [_TorchGPU(torch)])
       t0 = time.perf_counter()
       for i in range(steps):
         loss = step(batches[i % 2])
