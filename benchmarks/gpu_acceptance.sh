@@ -11,8 +11,8 @@
 #                 GPU0 flash attention vs cuDNN, grouped matmul vs ragged_dot and dense, MoE step vs a dense model
 #                 of equal active parameters; GPU1 NSA kernels vs full cuDNN, our 0.5B step vs the transformers
 #                 peer). Writes $OUT/k_gpu*.txt.
-#         perf (1 GPU: ours vs the peer at 0.5B / 1.5B with the default remat (dots_attention_ffn) and dots,
-#               MoE 0.5Bx8 vs dense: default remat and dots_kernels, each with the device-time profile),
+#         perf (1 GPU: ours vs the peer at 0.5B / 1.5B with remat dots_attention (default) and dots, MoE 0.5Bx8 vs dense:
+#               default remat and dots_kernels, each with the device-time profile),
 #         t5 (1 GPU: the flash kernel's T5 bias: GPU test, kernel vs xla, 1.5B training through pallas vs xla),
 #         grid (1 GPU: flash attention vs cuDNN at 2K and 8K, all head dims and layouts),
 #         ep4 (4 GPUs: expert-parallel GPU test, MoE 1.5Bx8 over expert=4 through the sbatch script),

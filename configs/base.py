@@ -41,10 +41,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   m.param_dtype = "float32"
   m.dtype = "float32" if tiny else "bfloat16"  # compute dtype (CPUs emulate bf16 slowly)
   # Block rematerialisation (models/remat.py): none | full | dots (keep matmul outputs) | dots_attention (dots +
-  # the attention kernel's output and residuals: 5-7 % faster than dots at 0.5B / 1.5B / 8K on an H200) |
-  # dots_attention_ffn (dots_attention + the SwiGLU product: 0.5B 2 % faster again, +7.7 GB there) | dots_kernels
-  # (dots_attention + MoE grouped-matmul outputs: faster MoE, +31 GB there). benchmarks/RESULTS.md.
-  m.remat = "none" if tiny else "dots_attention_ffn"
+  # the attention kernel's output and residuals: measured fastest at 0.5B / 1.5B / 8K on an H200,
+  # benchmarks/RESULTS.md) | dots_kernels (dots_attention + MoE grouped-matmul outputs: faster MoE, +31 GB there).
+  m.remat = "none" if tiny else "dots_attention"
   # True: one block compiled and scanned over layers (compile ~17 s at 0.5B/1.5B). False unrolls the layers: ~5 %
   # faster steps and less memory on an H200 (no copies of saved residuals into the scan's stacked buffer), but
   # 2-2.5 min of compile; worth it for long runs (benchmarks/RESULTS.md, session 5).

@@ -42,7 +42,6 @@ def test_scan_equals_unrolled_layers():
 
 # dots_kernels on a dense model is dots_attention (no grouped matmul to name): its MoE case covers it.
 @pytest.mark.parametrize("policy,ffn", [("full", "dense"), ("dots", "dense"), ("dots_attention", "dense"),
-                                        ("dots_attention_ffn", "dense"),
                                         ("dots_kernels", "moe")])  # moe: ragged_dot outputs named and kept
 def test_remat_changes_memory_not_math(policy, ffn):
   tok = _tokens(tiny_config())

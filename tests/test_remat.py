@@ -65,24 +65,3 @@ def test_config_accepts_exactly_the_policies_remat_defines():
   """config.REMAT_POLICIES (checked before JAX starts) lists `none` plus every policy of models/remat.py."""
   from efficientllm_jax import config as config_lib
   assert config_lib.REMAT_POLICIES == ("none", *remat.POLICIES)
-
-
-def test_dots_attention_ffn_keeps_the_swiglu_product(capsys):
-  """Under `dots_attention_ffn` the SwiGLU product h = silu(gate) * up of every layer is a saved residual (named
-  ffn_hidden, [B, T, ffn_dim]), so the backward reads it instead of recomputing it; `dots_attention` saves none."""
-  from flax import nnx
-
-  from efficientllm_jax.models.transformer import Transformer
-  from tests.conftest import tiny_config
-
-  def saved(policy):
-    cfg = tiny_config(**{"model.remat": policy, "model.scan_layers": False})
-    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
-    tok = jnp.zeros((2, 16), jnp.int32)
-    jax.ad_checkpoint.print_saved_residuals(lambda p: jnp.mean(nnx.merge(graphdef, p)(tok)), params)
-    return cfg, [line for line in capsys.readouterr().out.splitlines() if "named 'ffn_hidden'" in line]
-
-  cfg, kept = saved("dots_attention_ffn")
-  assert len(kept) == cfg.model.num_layers
-  assert all(f"[2,16,{cfg.model.ffn_dim}]" in line for line in kept), kept
-  assert saved("dots_attention")[1] == []

@@ -5,9 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
-from efficientllm_jax.models.remat import FFN_HIDDEN
 from efficientllm_jax.parallel.sharding import shard
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -96,7 +94,5 @@ class SwiGLU(nnx.Module):
     self.down = dense(f, d, ("mlp", "embed"), cfg=cfg, rngs=rngs)
 
   def __call__(self, x_btd):
-    # named, so remat `dots_attention_ffn` can keep h instead of recomputing it in the backward (models/remat.py)
-    h_btf = checkpoint_name(shard(jax.nn.silu(self.gate(x_btd)) * self.up(x_btd), ("batch", "length", "act_mlp")),
-                            FFN_HIDDEN)
+    h_btf = shard(jax.nn.silu(self.gate(x_btd)) * self.up(x_btd), ("batch", "length", "act_mlp"))
     return self.down(h_btf), {}

@@ -10,11 +10,6 @@ also keeps what their backward passes need: the output and residuals of the atte
 grouped matmuls' outputs (tagged with `checkpoint_name`). The output matters as much as the residuals: the output
 projection's weight gradient needs it, and without its name (the first version, measured on an H200) the cuDNN
 forward still ran twice.
-`dots_attention_ffn` (the default) also keeps the SwiGLU product h = silu(gate) * up (dense FFNs and MoE shared
-experts). Under `dots_attention` the backward's elementwise pass recomputes it and writes it out again for the
-down projection's weight gradient (outputs dgate, dup and h); kept, it is read instead. On an H200 that made the
-Qwen2.5-0.5B step 5.9 ms (2 %) faster, for tokens x ffn_dim more saved values a layer (+7.7 GB at micro-batch
-4 x 8K).
 `dots_attention` keeps the attention kernel's but not the grouped matmuls' (the default: an MoE layer's saved
 gate/up output is 2 * top_k * expert_dim values per token, +31 GB at MoE 0.5Bx8 with micro-batch 4 x 8K, past an
 80 GB card). Measured on an H200 (benchmarks/RESULTS.md): dots_attention makes the dense 0.5B step 7 % and the
@@ -28,7 +23,6 @@ from jax.ad_checkpoint import checkpoint_name
 
 ATTENTION_RESIDUALS = "attention_residuals"
 GROUPED_MATMUL = "grouped_matmul"
-FFN_HIDDEN = "ffn_hidden"  # the SwiGLU product silu(gate) * up (models/layers.SwiGLU)
 
 POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -36,9 +30,6 @@ POLICIES = {
     "dots_attention": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names(ATTENTION_RESIDUALS)),
-    "dots_attention_ffn": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(ATTENTION_RESIDUALS, FFN_HIDDEN)),
     "dots_kernels": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names(ATTENTION_RESIDUALS, GROUPED_MATMUL)),
