@@ -23,6 +23,7 @@ EP_EXCHANGES = ("auto", "ragged_all_to_all", "all_to_all")  # moe.ep_exchange
 REMAT_POLICIES = ("none", "full", "dots", "dots_attention", "dots_kernels")  # models/remat.py
 DTYPES = ("float32", "bfloat16", "float16")
 LOGITS_DTYPES = ("float32", "bfloat16")  # train.logits_dtype (train/loss.py)
+LOSS_IMPLS = ("xla", "pallas")  # train.loss_impl (train/loss.py; pallas: kernels/xent)
 TOKENIZERS = ("bpe", "bytes")
 DATA_SOURCES = ("embedded", "arrayrecord")
 
@@ -141,6 +142,7 @@ def validate_train(c) -> None:
   if logits_dtype not in LOGITS_DTYPES:
     raise ConfigError(f"train.logits_dtype={logits_dtype!r} is not float32 or bfloat16: set "
                       "--config.train.logits_dtype=float32 (default) or bfloat16 (half the loss's logits traffic)")
+  _one_of(c, "train.loss_impl", LOSS_IMPLS)
   lr, min_lr = _non_negative(c, "train.lr"), _non_negative(c, "train.min_lr")
   if lr == 0:
     raise ConfigError("train.lr=0 trains nothing: set --config.train.lr to a positive value (EfficientLLM: 1e-4)")

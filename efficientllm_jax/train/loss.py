@@ -10,7 +10,9 @@ at 67 ms of a 449 ms Qwen2.5-0.5B step on an H200). Peak logits memory is one ch
 The log-sum-exp is one pass over the logits (`logsumexp_one_pass`: a running (max, sum of exp) pair per row, a
 variadic reduction), where `jax.nn.logsumexp` reads them twice (max, then sum). At 151,936 classes the logits
 dominate the loss's memory traffic: per chunk they are written once, read for the log-sum-exp, read again for the
-gradient. `logits_dtype` picks the dtype the LM-head matmul writes them in: float32 (default) or bfloat16 (half
+gradient. `impl="pallas"` (`train.loss_impl`) hands each chunk's logits to one Pallas kernel (kernels/xent) that
+forms the log-sum-exp (one exponential an element), the target logit and dlogits in two streams over the row,
+where XLA's one-pass reduction is bound by its two exponentials an element on bf16 logits. `logits_dtype` picks the dtype the LM-head matmul writes them in: float32 (default) or bfloat16 (half
 the traffic, and what the transformers peer does; the softmax arithmetic stays fp32 either way).
 
 With an active mesh (parallel/sharding.activation_sharding) the loss runs under `shard_map` over the mesh axes
@@ -29,7 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from efficientllm_jax.config import LOGITS_DTYPES
+from efficientllm_jax.config import LOGITS_DTYPES, LOSS_IMPLS
+from efficientllm_jax.kernels.xent import softmax_xent
 from efficientllm_jax.parallel import sharding as sh
 
 
@@ -72,21 +75,35 @@ def _zeros(shape, row_axes: tuple[str, ...]):
   return jax.lax.pcast(z, row_axes, to="varying") if row_axes else z
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _chunked_sum(row_axes, dtype, h_kbcd, w_vd, y_kbc, m_kbc):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _chunked_sum(row_axes, dtype, impl, h_kbcd, w_vd, y_kbc, m_kbc):
   """Sum of masked token losses over chunks k (primal: no gradient work). `row_axes`: the shard_map mesh axes the
-  rows are split over (() outside shard_map); `dtype`: the logits' dtype."""
+  rows are split over (() outside shard_map); `dtype`: the logits' dtype; `impl`: "xla" or "pallas" (the forward
+  with gradients takes the kernel; this primal-only sum, as in eval, stays in XLA)."""
   body = lambda total, xs: (total + _chunk_loss(xs[0], w_vd, xs[1], xs[2], dtype)[0], None)  # noqa: E731
   return jax.lax.scan(body, _zeros((), row_axes), (h_kbcd, y_kbc, m_kbc))[0]
 
 
-def _chunked_sum_fwd(row_axes, dtype, h_kbcd, w_vd, y_kbc, m_kbc):
+def _xent_kernel_chunk(h_bcd, w_vd, y_bc, m_bc, dtype):
+  """Loss sum and dlogits of one chunk through kernels/xent (one Pallas kernel for log-sum-exp, target, dlogits)."""
+  logits = _logits(h_bcd, w_vd, dtype)
+  b, c, v = logits.shape
+  lse, tgt, dlogits = softmax_xent(logits.reshape(b * c, v), y_bc.reshape(-1), m_bc.reshape(-1),
+                                   out_dtype=h_bcd.dtype)
+  return jnp.sum((lse - tgt) * m_bc.reshape(-1)), dlogits.reshape(b, c, v)
+
+
+def _chunked_sum_fwd(row_axes, dtype, impl, h_kbcd, w_vd, y_kbc, m_kbc):
   def body(carry, xs):
     total, dw_vd = carry
     h_bcd, y_bc, m_bc = xs
-    loss, lse, logits = _chunk_loss(h_bcd, w_vd, y_bc, m_bc, dtype)
-    onehot = jax.nn.one_hot(y_bc, w_vd.shape[0], dtype=jnp.float32)
-    dlogits = ((jnp.exp(logits.astype(jnp.float32) - lse[..., None]) - onehot) * m_bc[..., None]).astype(h_bcd.dtype)
+    if impl == "pallas":
+      loss, dlogits = _xent_kernel_chunk(h_bcd, w_vd, y_bc, m_bc, dtype)
+    else:
+      loss, lse, logits = _chunk_loss(h_bcd, w_vd, y_bc, m_bc, dtype)
+      onehot = jax.nn.one_hot(y_bc, w_vd.shape[0], dtype=jnp.float32)
+      dlogits = ((jnp.exp(logits.astype(jnp.float32) - lse[..., None]) - onehot) * m_bc[..., None]).astype(
+          h_bcd.dtype)
     dh_bcd = jnp.einsum("bcv,vd->bcd", dlogits, w_vd, preferred_element_type=jnp.float32).astype(h_bcd.dtype)
     dw_vd = dw_vd + jnp.einsum("bcv,bcd->vd", dlogits, h_bcd, preferred_element_type=jnp.float32)
     return (total + loss, dw_vd), dh_bcd
@@ -96,7 +113,7 @@ def _chunked_sum_fwd(row_axes, dtype, h_kbcd, w_vd, y_kbc, m_kbc):
   return total, (dh_kbcd, dw_vd.astype(w_vd.dtype))
 
 
-def _chunked_sum_bwd(row_axes, dtype, res, g):
+def _chunked_sum_bwd(row_axes, dtype, impl, res, g):
   dh_kbcd, dw_vd = res
   dw_vd = dw_vd * g.astype(dw_vd.dtype)
   if row_axes:  # under shard_map the table is the same on every device: its gradient sums the devices' rows, once
@@ -107,7 +124,7 @@ def _chunked_sum_bwd(row_axes, dtype, res, g):
 _chunked_sum.defvjp(_chunked_sum_fwd, _chunked_sum_bwd)
 
 
-def _local_sum(h_btd, w_vd, targets_bt, mask_bt, chunk: int, dtype, row_axes: tuple[str, ...] = ()):
+def _local_sum(h_btd, w_vd, targets_bt, mask_bt, chunk: int, dtype, impl: str, row_axes: tuple[str, ...] = ()):
   """Sum of token losses over this device's rows, chunks of `chunk` tokens (ceil(chunk / rows) positions)."""
   b, t, d = h_btd.shape
   c = t if not chunk else max(1, min(t, math.ceil(chunk / b)))
@@ -118,27 +135,30 @@ def _local_sum(h_btd, w_vd, targets_bt, mask_bt, chunk: int, dtype, row_axes: tu
     mask_bt = jnp.pad(mask_bt, ((0, 0), (0, pad)))
   k = h_btd.shape[1] // c
   split = lambda x: jnp.moveaxis(x.reshape(b, k, c, *x.shape[2:]), 1, 0)  # noqa: E731 - [B, T, ...] -> [k, B, c, ...]
-  return _chunked_sum(row_axes, dtype, split(h_btd), w_vd, split(targets_bt), split(mask_bt))
+  return _chunked_sum(row_axes, dtype, impl, split(h_btd), w_vd, split(targets_bt), split(mask_bt))
 
 
-def cross_entropy(h_btd, embed_vd, targets_bt, mask_bt=None, *, chunk: int = 0, logits_dtype: str = "float32"):
+def cross_entropy(h_btd, embed_vd, targets_bt, mask_bt=None, *, chunk: int = 0, logits_dtype: str = "float32",
+                  impl: str = "xla"):
   """Returns (sum of token losses, number of tokens counted), both fp32 scalars. `chunk` = tokens per chunk
   (over the whole batch; 0 = one chunk); `logits_dtype`: the LM-head matmul's output dtype, "float32" or
-  "bfloat16" (see the module docstring)."""
+  "bfloat16"; `impl`: "xla" or "pallas" (kernels/xent for the training pass) (see the module docstring)."""
   if logits_dtype not in LOGITS_DTYPES:
     raise ValueError(f"train.logits_dtype={logits_dtype!r} is not one of {LOGITS_DTYPES}")
+  if impl not in LOSS_IMPLS:
+    raise ValueError(f"train.loss_impl={impl!r} is not one of {LOSS_IMPLS}")
   dtype = jnp.dtype(logits_dtype)
   mask_bt = jnp.ones(targets_bt.shape, jnp.float32) if mask_bt is None else mask_bt.astype(jnp.float32)
   w_vd = embed_vd.astype(h_btd.dtype)  # the compute-dtype table; its gradient flows back to the fp32 parameter
   count = jnp.sum(mask_bt)
   mesh, axes = sh.batch_axes()
   if mesh is None:
-    return _local_sum(h_btd, w_vd, targets_bt, mask_bt, chunk, dtype), count
+    return _local_sum(h_btd, w_vd, targets_bt, mask_bt, chunk, dtype, impl), count
   rows = math.prod(mesh.shape[a] for a in axes)
   per_device_chunk = max(1, chunk // rows) if chunk else 0
 
   def local(h, w, y, m):
-    return jax.lax.psum(_local_sum(h, w, y, m, per_device_chunk, dtype, axes), axes)
+    return jax.lax.psum(_local_sum(h, w, y, m, per_device_chunk, dtype, impl, axes), axes)
 
   rows_spec = P(axes)
   total = jax.shard_map(local, mesh=mesh, in_specs=(rows_spec, P(), rows_spec, rows_spec), out_specs=P())(

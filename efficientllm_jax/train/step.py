@@ -76,7 +76,7 @@ def loss_fn(params, graphdef, batch, cfg):
   model = nnx.merge(graphdef, params)
   h_btd, aux = model.hidden(batch["inputs"])
   loss_sum, count = cross_entropy(h_btd, model.embed.embedding[...], batch["targets"], chunk=cfg.train.loss_chunk,
-                                  logits_dtype=cfg.train.logits_dtype)
+                                  logits_dtype=cfg.train.logits_dtype, impl=cfg.train.loss_impl)
   ce = loss_sum / count
   total = ce + sum((v for k, v in aux.items() if k.endswith("_loss")), jnp.zeros((), jnp.float32))
   return total, {"loss": ce, **aux}
@@ -133,7 +133,7 @@ def make_eval_step(cfg, graphdef, mesh, shardings):
     model = nnx.merge(graphdef, params)
     h_btd, _ = model.hidden(batch["inputs"])
     return cross_entropy(h_btd, model.embed.embedding[...], batch["targets"], chunk=cfg.train.loss_chunk,
-                         logits_dtype=cfg.train.logits_dtype)
+                         logits_dtype=cfg.train.logits_dtype, impl=cfg.train.loss_impl)
 
   micro_sh = eval_batch_sharding(cfg, mesh)
   return jax.jit(_in_mesh(eval_step, cfg, mesh), in_shardings=(shardings.params, {"inputs": micro_sh,
