@@ -36,19 +36,12 @@ import throughput as tp  # noqa: E402 - config parsing, power meter (puts the re
 
 def build_variant(args, variant: str) -> dict:
   import jax  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
 
   from efficientllm_jax.train import step as step_lib  # noqa: PLC0415
   cfg = tp.build_config(args.config, args.set, tp.parse_override(variant))
   t0 = time.perf_counter()
   built = step_lib.build(cfg)
-  shape = (cfg.train.grad_accum, cfg.train.micro_batch, cfg.data.seq_len)
-  sharding = step_lib.batch_sharding(cfg, built.mesh)
-  rng = np.random.default_rng(0)
-  batches = []
-  for _ in range(2):  # random ids (never all zeros), device-resident, as throughput.py
-    ids = rng.integers(0, cfg.model.vocab_size, size=(shape[0], shape[1], shape[2] + 1), dtype=np.int32)
-    batches.append(jax.device_put({"inputs": ids[..., :-1], "targets": ids[..., 1:]}, sharding))
+  batches = tp.random_batches(cfg, built)
   state, metrics = built.train_step(built.state, batches[0])
   first = float(jax.device_get(metrics["loss"]))
   compile_s = time.perf_counter() - t0
@@ -108,10 +101,9 @@ def row(v: dict, base_ms: float) -> dict:
 def print_table(rows: list[dict]) -> None:
   print("\n| variant | median ms | min ms | rounds (ms) | × first | W | J/step |")
   print("|---|---:|---:|---|---:|---:|---:|")
-  fmt = lambda x, f: format(x, f) if x else "n/a"  # noqa: E731
   for r in rows:
     print(f"| {r['name']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {' '.join(f'{x:.1f}' for x in r['rounds_ms'])}"
-          f" | {r['vs_first']:.3f} | {fmt(r['power_W'], '.0f')} | {fmt(r['energy_J_per_step'], '.0f')} |")
+          f" | {r['vs_first']:.3f} | {tp.na(r['power_W'], '.0f')} | {tp.na(r['energy_J_per_step'], '.0f')} |")
 
 
 def main() -> None:

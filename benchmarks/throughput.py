@@ -164,6 +164,28 @@ def power_of(mon, t0: float, t1: float, steps: int) -> dict:
 
 # ----- ours -----
 
+def random_batches(cfg, built, n: int = 2) -> list:
+  """n batches of random token ids [grad_accum, micro_batch, seq] (uniform over the vocabulary, never all zeros),
+  placed on the devices as the train step takes them, like a prefetched batch."""
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from efficientllm_jax.train import step as step_lib  # noqa: PLC0415
+  shape = (cfg.train.grad_accum, cfg.train.micro_batch, cfg.data.seq_len + 1)
+  sharding = step_lib.batch_sharding(cfg, built.mesh)
+  rng = np.random.default_rng(0)
+  out = []
+  for _ in range(n):
+    ids = rng.integers(0, cfg.model.vocab_size, size=shape, dtype=np.int32)
+    out.append(jax.device_put({"inputs": ids[..., :-1], "targets": ids[..., 1:]}, sharding))
+  return out
+
+
+def na(x, spec: str) -> str:
+  """x formatted by spec, or n/a when it is missing (None or 0)."""
+  return format(x, spec) if x else "n/a"
+
+
 def run_ours(cfg, name: str, steps: int, warmup: int, profile_steps: int = 0, profile_dir: str = "",
              profile_top: int = 12) -> dict:
   import jax  # noqa: PLC0415
@@ -174,13 +196,7 @@ def run_ours(cfg, name: str, steps: int, warmup: int, profile_steps: int = 0, pr
   config_lib.validate(cfg)
   t0 = time.perf_counter()
   built = step_lib.build(cfg)
-  shape = (cfg.train.grad_accum, cfg.train.micro_batch, cfg.data.seq_len)
-  sharding = step_lib.batch_sharding(cfg, built.mesh)
-  rng = np.random.default_rng(0)
-  batches = []
-  for _ in range(2):  # random ids (never all zeros), resident on the device like a prefetched batch
-    ids = rng.integers(0, cfg.model.vocab_size, size=(shape[0], shape[1], shape[2] + 1), dtype=np.int32)
-    batches.append(jax.device_put({"inputs": ids[..., :-1], "targets": ids[..., 1:]}, sharding))
+  batches = random_batches(cfg, built)
   state = built.state
   state, metrics = built.train_step(state, batches[0])
   first_loss = float(jax.device_get(metrics["loss"]))
@@ -358,13 +374,11 @@ def print_table(rows: list[dict]) -> None:
     if "skipped" in r:
       print(f"{r['name']:<64} skipped: {r['skipped']}")
       continue
-    mfu = f"{r['mfu'] * 100:.1f}" if r.get("mfu") else "n/a"
-    mem = f"{r['peak_memory_GB']:.1f}" if r.get("peak_memory_GB") else "n/a"
+    mfu = na(r.get("mfu") and r["mfu"] * 100, ".1f")
     ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer else "-"
-    watts = f"{r['power_W']:.0f}" if r.get("power_W") else "n/a"
-    joules = f"{r['energy_J_per_step']:.0f}" if r.get("energy_J_per_step") else "n/a"
-    print(f"{r['name'][:63]:<64}{r['tokens_per_s']:>11,.0f}{r['step_s'] * 1e3:>10.1f}{mfu:>8}{mem:>9}{ratio:>9}"
-          f"{watts:>6}{joules:>8}")
+    print(f"{r['name'][:63]:<64}{r['tokens_per_s']:>11,.0f}{r['step_s'] * 1e3:>10.1f}{mfu:>8}"
+          f"{na(r.get('peak_memory_GB'), '.1f'):>9}{ratio:>9}{na(r.get('power_W'), '.0f'):>6}"
+          f"{na(r.get('energy_J_per_step'), '.0f'):>8}")
 
 
 def main() -> None:

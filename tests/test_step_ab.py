@@ -1,39 +1,66 @@
 """benchmarks/step_ab.py: interleaved rounds per variant, the table's numbers from them, config errors first."""
 
-import json
+import importlib.util
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import jax.numpy as jnp
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_ab.py"
 
 
-def run(*args, timeout=300):
-  return subprocess.run([sys.executable, str(SCRIPT), "--config=configs/base.py:tiny", *args], capture_output=True,
-                        text=True, timeout=timeout, cwd=SCRIPT.parents[1])
+def _module():
+  spec = importlib.util.spec_from_file_location("step_ab", SCRIPT)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
 
 
-def test_rounds_and_rows(tmp_path):
+def test_rounds_interleave_and_rows_follow_them(monkeypatch, tmp_path, capsys):
+  """Two stand-in variants whose steps take 4 and 12 ms (no compile): the rounds alternate their order, every
+  variant gets each round, and the rows' median / min / ratio / tokens per second come from those rounds."""
+  ab = _module()
+  order = []
+
+  def fake_build(args, variant):
+    delay = 0.012 if variant else 0.004
+
+    def step(state, batch):
+      order.append(variant)
+      time.sleep(delay)
+      return state + 1, {"loss": jnp.float32(2.0)}
+
+    cfg = SimpleNamespace(train=SimpleNamespace(micro_batch=2, grad_accum=1), data=SimpleNamespace(seq_len=64))
+    return {"name": variant or "(shared config)", "cfg": cfg, "step": step, "state": jnp.zeros(()),
+            "batches": [None, None], "ms": [], "power_W": [], "energy_J_per_step": [], "compile_s": 0.0,
+            "loss_first": 2.0}
+
+  monkeypatch.setattr(ab, "build_variant", fake_build)
   out = tmp_path / "ab.json"
-  p = run("--set=train.micro_batch=2", "--set=data.seq_len=64", "--variant=", "--variant=model.remat=full",
-          "--rounds=2", "--steps=1", "--warmup=0", f"--json={out}")
-  assert p.returncode == 0, p.stderr[-2000:]
+  monkeypatch.setattr(sys, "argv", ["step_ab.py", "--config=configs/base.py:tiny", "--variant=",
+                                    "--variant=model.remat=full", "--rounds=3", "--steps=2", f"--json={out}"])
+  ab.main()
+  assert order == [""] * 2 + ["model.remat=full"] * 4 + [""] * 4 + ["model.remat=full"] * 2  # A B | B A | A B
+  import json
   rows = json.loads(out.read_text())
-  assert [r["name"] for r in rows] == ["(shared config)", "model.remat=full"]
-  for r in rows:
-    assert len(r["rounds_ms"]) == 2 and all(t > 0 for t in r["rounds_ms"])
-    assert r["median_ms"] == pytest.approx(sum(r["rounds_ms"]) / 2) and r["min_ms"] == min(r["rounds_ms"])
+  fast, slow = rows
+  for r, ms in ((fast, 4), (slow, 12)):
+    assert len(r["rounds_ms"]) == 3 and min(r["rounds_ms"]) >= ms
+    assert r["median_ms"] == pytest.approx(sorted(r["rounds_ms"])[1]) and r["min_ms"] == min(r["rounds_ms"])
     assert r["tokens_per_s"] == pytest.approx(2 * 64 / r["median_ms"] * 1e3)
-    assert r["power_W"] is None  # no NVML on CPU: n/a, not a number
-  assert rows[0]["vs_first"] == 1.0
-  assert rows[1]["vs_first"] == pytest.approx(rows[0]["median_ms"] / rows[1]["median_ms"])
-  assert "| model.remat=full |" in p.stdout and p.stdout.count("round ") == 2
+    assert r["power_W"] is None and r["loss_last"] == 2.0  # no NVML on CPU: n/a, not a number
+  assert fast["vs_first"] == 1.0 and slow["vs_first"] == pytest.approx(fast["median_ms"] / slow["median_ms"])
+  assert slow["vs_first"] < 0.6
+  assert "| model.remat=full |" in capsys.readouterr().out
 
 
 def test_bad_variant_stops_before_compiling():
-  p = run("--variant=", "--variant=model.remat=foo", timeout=60)
+  p = subprocess.run([sys.executable, str(SCRIPT), "--config=configs/base.py:tiny", "--variant=",
+                      "--variant=model.remat=foo"], capture_output=True, text=True, timeout=120, cwd=SCRIPT.parents[1])
   assert p.returncode != 0
   assert "--variant='model.remat=foo': model.remat='foo' is not known: use one of" in p.stderr
   assert "compiled" not in p.stdout

@@ -55,3 +55,27 @@ def test_existing_run_is_never_overwritten_silently(tmp_path):
   loop.train_and_evaluate(cfg, tmp_path / "run", overwrite=True)
   backups = list((tmp_path / "run").glob("previous-*"))
   assert len(backups) == 1 and (backups[0] / "summary.json").read_text() == first
+
+
+_ONE_COMPILE = r"""
+import jax, jax.numpy as jnp
+from jax._src import config as jax_config
+import efficientllm_jax
+from efficientllm_jax.kernels.xent import softmax_xent
+before = jax_config.trace_context()
+f = jax.jit(lambda x: softmax_xent(x, jnp.zeros(4, jnp.int32), jnp.ones(4))[0].sum())
+for _ in range(3):
+  f(jnp.ones((4, 64)))
+print(f._cache_size(), before == jax_config.trace_context())
+"""
+
+
+def test_a_pallas_kernel_does_not_make_jit_compile_twice():
+  """Pallas registers a config option that joins every jit cache key the first time it traces a kernel; unless
+  efficientllm_jax registers it at import (before anything compiles), the train step compiled again on its second
+  call. A fresh interpreter, as a user's run: one compile for three calls, the trace context unchanged."""
+  import subprocess
+  import sys
+  p = subprocess.run([sys.executable, "-c", _ONE_COMPILE], capture_output=True, text=True, timeout=120)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert p.stdout.split()[-2:] == ["1", "True"], p.stdout
