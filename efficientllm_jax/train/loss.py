@@ -12,8 +12,9 @@ variadic reduction), where `jax.nn.logsumexp` reads them twice (max, then sum). 
 dominate the loss's memory traffic: per chunk they are written once, read for the log-sum-exp, read again for the
 gradient. `impl="pallas"` (`train.loss_impl`) hands each chunk's logits to one Pallas kernel (kernels/xent) that
 forms the log-sum-exp (one exponential an element), the target logit and dlogits in two streams over the row,
-where XLA's one-pass reduction is bound by its two exponentials an element on bf16 logits. `logits_dtype` picks the dtype the LM-head matmul writes them in: float32 (default) or bfloat16 (half
-the traffic, and what the transformers peer does; the softmax arithmetic stays fp32 either way).
+where XLA's one-pass reduction is bound by its two exponentials an element on bf16 logits. `logits_dtype` picks
+the dtype the LM-head matmul writes them in: float32 (default) or bfloat16 (half the traffic, and what the
+transformers peer does; the softmax arithmetic stays fp32 either way).
 
 With an active mesh (parallel/sharding.activation_sharding) the loss runs under `shard_map` over the mesh axes
 the batch dimension is split over: each device takes its own rows and the whole table (gathered once, not once
