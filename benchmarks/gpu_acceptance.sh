@@ -18,8 +18,8 @@
 #         ep4 (4 GPUs: expert-parallel GPU test, MoE 1.5Bx8 over expert=4 through the sbatch script),
 #         perf05 (1 GPU: the 0.5B step with the Mosaic kernels (auto) and with cuDNN, each profiled, and the peer;
 #                 ~9 minutes on a cold compile cache),
-#         xent (1 GPU: the loss kernel's GPU test, then the unrolled 0.5B step with train.loss_impl=pallas against xla,
-#               interleaved in one process and profiled; ~5 minutes),
+#         xent (1 GPU: the loss kernel's GPU test, its tiles against XLA's loss pass on one 0.5B chunk, then the
+#               unrolled 0.5B step with train.loss_impl=pallas against xla, interleaved and profiled; ~6 minutes),
 #         mosaic (1 GPU: the Mosaic GPU flash kernels' GPU test, then vs cuDNN and the Triton kernel at 8K, and the
 #                 backward's fused_dq / overlap / dq_k / dkv_q / heavy_first switches at d 128 / 64 against
 #                 cuDNN, interleaved; ~7 minutes).
@@ -150,6 +150,7 @@ PY
       | grep -v "^{" ;;
   xent)  # the loss kernel (train.loss_impl=pallas): GPU test, then the unrolled 0.5B step A/B against XLA, profiled
     timeout 120 python -m pytest -q -m gpu tests/test_xent_kernel.py 2>&1 | tail -3
+    timeout 150 python benchmarks/xent.py --configs="1024,4 2048,4 4096,4 4096,8 8192,8" 2>&1 | grep -v "^[WIE]0"
     timeout 420 python benchmarks/step_ab.py --config=configs/base.py:0.5B --set=model.scan_layers=False \
       --set=train.logits_dtype=bfloat16 --set=train.loss_chunk=8192 --variant="" --variant="train.loss_impl=pallas" \
       --rounds=3 --steps=5 --profile=2 --profile_top=10 --json=$out/xent_ab.json 2>&1 | grep -v "^[WIE]0" ;;
