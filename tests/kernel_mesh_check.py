@@ -4,7 +4,8 @@
 per-device shapes the wrapped function sees (batch over data / fsdp, heads over tensor when every head count
 divides, whole otherwise); values and gradients through it on a data=2 x tensor=2 mesh against no mesh, for the
 xla path, the Pallas flash kernel with a T5 bias (interpreted; the bias coefficients split with the heads) and the
-NSA kernels (interpreted); the Mosaic GPU kernels through it lowered for CUDA on that mesh. Prints one JSON line.
+NSA kernels (interpreted); the Mosaic GPU kernels through it lowered for CUDA on that mesh; the loss with
+train.loss_impl=pallas on a data=2 mesh against impl=xla. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -145,6 +146,30 @@ def mosaic_lowered_on_mesh(policy: str = "dots_attention") -> dict:
   return dict(kernels={k: calls.count(k) for k in sorted(set(calls))}, manual=text.count("manual_computation"))
 
 
+def loss_kernel_on_mesh() -> list[float]:
+  """train.loss_impl=pallas under the loss's own shard_map (rows over data=2): loss and both gradients against
+  impl=xla, relative errors. Off the GPU the kernel is interpreted, and inside a shard_map kernels/xent then runs
+  its jnp reference (the interpreter fails the varying-axes check), so this checks the sharded plumbing and the
+  table gradient's one sum over devices, not the Triton code."""
+  from efficientllm_jax.train.loss import cross_entropy  # noqa: PLC0415
+  mesh = _mesh(data=2)
+  rules = {"batch": ("data", "fsdp")}
+  rng = np.random.default_rng(0)
+  h = jnp.asarray(rng.normal(size=(4, 9, 16)), jnp.float32)
+  e = jnp.asarray(rng.normal(size=(300, 16)) * 0.5, jnp.float32)
+  y = jnp.asarray(rng.integers(0, 300, (4, 9)))
+
+  def run(impl):
+    def loss(h, e):
+      with sh.activation_sharding(mesh, rules):
+        return cross_entropy(h, e, y, chunk=8, impl=impl)[0]
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(h, e)
+
+  got, want = run("pallas"), run("xla")
+  return [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(jax.tree.leaves(got),
+                                                                               jax.tree.leaves(want))]
+
+
 def main():
   out = dict(
       dp2_tp2=seen_shapes(_mesh(data=2, tensor=2), 4, 4, 2),
@@ -154,6 +179,7 @@ def main():
   )
   out["values"] = per_shard_values()
   out["lowered"] = mosaic_lowered_on_mesh()
+  out["loss_kernel"] = loss_kernel_on_mesh()
   print(json.dumps(out))
 
 

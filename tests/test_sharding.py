@@ -121,7 +121,8 @@ def test_attention_kernels_run_per_device_on_a_mesh():
   heads, GQA groups intact; on a data=2 x tensor=2 mesh the Pallas flash kernel with a step bias (whose
   coefficients split with the heads and get their gradient summed over the batch shards) equals the unsharded
   call in values and gradients, and the NSA kernels see and return the right shapes; the compiled Mosaic kernels
-  lower for CUDA inside the shard_map, backward included, and the remat policy still keeps their residuals."""
+  lower for CUDA inside the shard_map, backward included, and the remat policy still keeps their residuals; the
+  loss with train.loss_impl=pallas matches impl=xla on a data=2 mesh (loss and both gradients)."""
   r = subprocess.run([sys.executable, "-m", "tests.kernel_mesh_check"], cwd=ROOT, env=_cpu_devices_env(4),
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -140,3 +141,4 @@ def test_attention_kernels_run_per_device_on_a_mesh():
   # the kernels run inside shard_maps (forward, backward); remat dots_attention keeps the forward's residuals, so
   # the forward kernel runs once (under remat full it runs twice), then d 64's fused backward
   assert out["lowered"] == dict(kernels=dict(dkv=1, forward=1), manual=2), out["lowered"]
+  assert len(out["loss_kernel"]) == 3 and max(out["loss_kernel"]) < 1e-5, out["loss_kernel"]  # loss, dh, dtable
