@@ -2,7 +2,7 @@
 
 Both take the same bf16 logits [rows, vocab] (random normal times 4, not zeros), int32 targets and a 0/1 mask and
 return the log-sum-exp, the target logit and dlogits (bf16):
-  xla     train/loss.py's own pieces: `logsumexp_one_pass`, take_along_axis, (exp(x - lse) - onehot) * mask
+  xla     train/loss.py's `xla_rows` (the train.loss_impl=xla pass: one-pass log-sum-exp, then dlogits)
   pallas  softmax_xent with each --configs entry 'block_v,num_warps'
 Each is jitted, run once to compile and --warmup times, then the median of --repeats synchronised runs
 (efficientllm_jax/bench/timing.py). GB/s counts the least traffic the work needs, one read of the logits and one
@@ -28,15 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from efficientllm_jax.bench import timing  # noqa: E402
 from efficientllm_jax.kernels.xent import softmax_xent  # noqa: E402
-from efficientllm_jax.train.loss import logsumexp_one_pass  # noqa: E402
-
-
-def xla_pass(x, y, m):
-  lse = logsumexp_one_pass(x)
-  tgt = jnp.take_along_axis(x, y[:, None], axis=-1)[:, 0].astype(jnp.float32)
-  onehot = jax.nn.one_hot(y, x.shape[-1], dtype=jnp.float32)
-  d = ((jnp.exp(x.astype(jnp.float32) - lse[:, None]) - onehot) * m[:, None]).astype(x.dtype)
-  return lse, tgt, d
+from efficientllm_jax.train.loss import xla_rows  # noqa: E402
 
 
 def main() -> None:
@@ -61,7 +53,7 @@ def main() -> None:
   gb = 2 * x.size * x.dtype.itemsize / 1e9
   dev = jax.devices()[0]
   print(f"{dev.device_kind}: logits [{args.rows}, {args.vocab}] bf16, median of {args.repeats}")
-  ref = jax.jit(xla_pass)
+  ref = jax.jit(lambda a, b, c: xla_rows(a, b, c, a.dtype))
   rows = [("xla (one-pass lse + dlogits)", timing.median_seconds(ref, (x, y, m), warmup=args.warmup,
                                                                   repeats=args.repeats))]
   want = ref(x, y, m)

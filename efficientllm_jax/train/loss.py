@@ -62,11 +62,24 @@ def _logits(h_bcd, w_vd, dtype):
   return jnp.einsum("bcd,vd->bcv", h_bcd, w_vd, preferred_element_type=dtype)
 
 
+def _lse_target(logits, y):
+  """The log-sum-exp and the target's logit of each row, fp32."""
+  tgt = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0].astype(jnp.float32)
+  return logsumexp_one_pass(logits), tgt
+
+
+def xla_rows(logits, y, m, out_dtype):
+  """(log-sum-exp, target logit, dlogits = (softmax - onehot) * m in out_dtype) of logits [..., V] in XLA: the
+  training pass of impl="xla", and what kernels/xent.softmax_xent computes in one kernel for impl="pallas"."""
+  lse, tgt = _lse_target(logits, y)
+  onehot = jax.nn.one_hot(y, logits.shape[-1], dtype=jnp.float32)
+  d = (jnp.exp(logits.astype(jnp.float32) - lse[..., None]) - onehot) * m[..., None]
+  return lse, tgt, d.astype(out_dtype)
+
+
 def _chunk_loss(h_bcd, w_vd, y_bc, m_bc, dtype):
-  logits = _logits(h_bcd, w_vd, dtype)
-  lse = logsumexp_one_pass(logits)
-  tgt = jnp.take_along_axis(logits, y_bc[..., None], axis=-1)[..., 0].astype(jnp.float32)
-  return jnp.sum((lse - tgt) * m_bc), lse, logits
+  lse, tgt = _lse_target(_logits(h_bcd, w_vd, dtype), y_bc)
+  return jnp.sum((lse - tgt) * m_bc)
 
 
 def _zeros(shape, row_axes: tuple[str, ...]):
@@ -81,30 +94,23 @@ def _chunked_sum(row_axes, dtype, impl, h_kbcd, w_vd, y_kbc, m_kbc):
   """Sum of masked token losses over chunks k (primal: no gradient work). `row_axes`: the shard_map mesh axes the
   rows are split over (() outside shard_map); `dtype`: the logits' dtype; `impl`: "xla" or "pallas" (the forward
   with gradients takes the kernel; this primal-only sum, as in eval, stays in XLA)."""
-  body = lambda total, xs: (total + _chunk_loss(xs[0], w_vd, xs[1], xs[2], dtype)[0], None)  # noqa: E731
+  body = lambda total, xs: (total + _chunk_loss(xs[0], w_vd, xs[1], xs[2], dtype), None)  # noqa: E731
   return jax.lax.scan(body, _zeros((), row_axes), (h_kbcd, y_kbc, m_kbc))[0]
-
-
-def _xent_kernel_chunk(h_bcd, w_vd, y_bc, m_bc, dtype):
-  """Loss sum and dlogits of one chunk through kernels/xent (one Pallas kernel for log-sum-exp, target, dlogits)."""
-  logits = _logits(h_bcd, w_vd, dtype)
-  b, c, v = logits.shape
-  lse, tgt, dlogits = softmax_xent(logits.reshape(b * c, v), y_bc.reshape(-1), m_bc.reshape(-1),
-                                   out_dtype=h_bcd.dtype)
-  return jnp.sum((lse - tgt) * m_bc.reshape(-1)), dlogits.reshape(b, c, v)
 
 
 def _chunked_sum_fwd(row_axes, dtype, impl, h_kbcd, w_vd, y_kbc, m_kbc):
   def body(carry, xs):
     total, dw_vd = carry
     h_bcd, y_bc, m_bc = xs
-    if impl == "pallas":
-      loss, dlogits = _xent_kernel_chunk(h_bcd, w_vd, y_bc, m_bc, dtype)
+    logits = _logits(h_bcd, w_vd, dtype)
+    if impl == "pallas":  # kernels/xent takes rows [R, V]
+      b, c, v = logits.shape
+      lse, tgt, dlogits = softmax_xent(logits.reshape(b * c, v), y_bc.reshape(-1), m_bc.reshape(-1),
+                                       out_dtype=h_bcd.dtype)
+      lse, tgt, dlogits = lse.reshape(b, c), tgt.reshape(b, c), dlogits.reshape(b, c, v)
     else:
-      loss, lse, logits = _chunk_loss(h_bcd, w_vd, y_bc, m_bc, dtype)
-      onehot = jax.nn.one_hot(y_bc, w_vd.shape[0], dtype=jnp.float32)
-      dlogits = ((jnp.exp(logits.astype(jnp.float32) - lse[..., None]) - onehot) * m_bc[..., None]).astype(
-          h_bcd.dtype)
+      lse, tgt, dlogits = xla_rows(logits, y_bc, m_bc, h_bcd.dtype)
+    loss = jnp.sum((lse - tgt) * m_bc)
     dh_bcd = jnp.einsum("bcv,vd->bcd", dlogits, w_vd, preferred_element_type=jnp.float32).astype(h_bcd.dtype)
     dw_vd = dw_vd + jnp.einsum("bcv,bcd->vd", dlogits, h_bcd, preferred_element_type=jnp.float32)
     return (total + loss, dw_vd), dh_bcd
