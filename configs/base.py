@@ -139,7 +139,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   t.seed = 0
   t.loss_chunk = 2048  # tokens per cross-entropy chunk (bounds fp32 logits memory); 0 = no chunking
   t.logits_dtype = "float32"  # float32 | bfloat16: the LM-head matmul's output in the loss (bf16: half the traffic)
-  t.loss_impl = "xla"  # xla | pallas: a chunk's log-sum-exp, target logit and dlogits in one kernel (kernels/xent)
+  # auto | xla | pallas: a chunk's log-sum-exp, target logit and dlogits in one Triton kernel (kernels/xent);
+  # auto takes it on NVIDIA GPUs (1.3 % faster 0.5B steps on an H200) and XLA elsewhere.
+  t.loss_impl = "auto"
   t.log_every = 10
   t.eval_every = 100
   t.eval_batches = 4

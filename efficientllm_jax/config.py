@@ -23,7 +23,7 @@ EP_EXCHANGES = ("auto", "ragged_all_to_all", "all_to_all")  # moe.ep_exchange
 REMAT_POLICIES = ("none", "full", "dots", "dots_attention", "dots_kernels")  # models/remat.py
 DTYPES = ("float32", "bfloat16", "float16")
 LOGITS_DTYPES = ("float32", "bfloat16")  # train.logits_dtype (train/loss.py)
-LOSS_IMPLS = ("xla", "pallas")  # train.loss_impl (train/loss.py; pallas: kernels/xent)
+LOSS_IMPLS = ("auto", "xla", "pallas")  # train.loss_impl (train/loss.py; pallas: kernels/xent; auto: pallas on CUDA)
 TOKENIZERS = ("bpe", "bytes")
 DATA_SOURCES = ("embedded", "arrayrecord")
 

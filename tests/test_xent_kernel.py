@@ -8,7 +8,8 @@ import pytest
 
 from efficientllm_jax import config as config_lib
 from efficientllm_jax.kernels.xent import reference, softmax_xent
-from efficientllm_jax.train.loss import cross_entropy
+from efficientllm_jax.parallel import sharding as sh
+from efficientllm_jax.train.loss import cross_entropy, resolve_impl
 from tests.conftest import tiny_config
 from tests.test_loss import _numpy_ce, _numpy_grads
 
@@ -22,17 +23,20 @@ def _reference(x, y, w):
   return lse, x[np.arange(len(x)), y], d * w[:, None]
 
 
-@pytest.mark.parametrize("dtype,v,block_v", [(jnp.float32, 1000, 256), (jnp.bfloat16, 1000, 256),
-                                             (jnp.float32, 100, 2048), (jnp.float32, 512, 128)])
-def test_rows_match_float64(dtype, v, block_v):
+@pytest.mark.parametrize("dtype,v,block_v,backward", [(jnp.float32, 1000, 256, True), (jnp.bfloat16, 1000, 256, True),
+                                                      (jnp.float32, 1000, 256, False), (jnp.float32, 100, 2048, True),
+                                                      (jnp.float32, 512, 128, True)])
+def test_rows_match_float64(dtype, v, block_v, backward):
   """V not a multiple of the tile (the last tile moved back, overlapping the one before), V below the tile, and
-  V a multiple of it; targets at 0, V-1 and in the overlapped columns; weights 0, 1 and 0.5."""
+  V a multiple of it; targets at 0, V-1 and in the overlapped columns; weights 0, 1 and 0.5; the second pass
+  from the row's end (the default) and from its start."""
   rng = np.random.default_rng(0)
   r = 7
   x = jnp.asarray(rng.normal(size=(r, v)) * 6, dtype)
   y = np.array([0, v - 1, v - 250 if v > 256 else 3, 5, 17, v // 2, 1]) % v  # 750 / 50: overlapped columns
   w = np.array([1, 1, 0, 1, 0.5, 1, 1], np.float32)
-  lse, tgt, d = jax.jit(lambda a, b, c: softmax_xent(a, b, c, block_v=block_v))(x, jnp.asarray(y), jnp.asarray(w))
+  lse, tgt, d = jax.jit(lambda a, b, c: softmax_xent(a, b, c, block_v=block_v, backward=backward))(
+      x, jnp.asarray(y), jnp.asarray(w))
   ref_lse, ref_tgt, ref_d = _reference(np.asarray(x.astype(jnp.float32)), y, w)
   assert lse.dtype == tgt.dtype == jnp.float32 and d.dtype == dtype and d.shape == (r, v)
   np.testing.assert_allclose(np.asarray(lse), ref_lse, rtol=1e-6)
@@ -87,10 +91,27 @@ def test_loss_through_the_kernel_matches_reference(logits_dtype):
 
 
 def test_bad_loss_impl_is_a_config_error():
-  with pytest.raises(config_lib.ConfigError, match="train.loss_impl='triton' is not known: use one of xla, pallas"):
+  with pytest.raises(config_lib.ConfigError,
+                     match="train.loss_impl='triton' is not known: use one of auto, xla, pallas"):
     config_lib.validate(tiny_config(**{"train.loss_impl": "triton"}))
   with pytest.raises(ValueError, match="train.loss_impl='cuda' is not one of"):
     cross_entropy(jnp.zeros((1, 2, 4)), jnp.zeros((8, 4)), jnp.zeros((1, 2), jnp.int32), impl="cuda")
+
+
+class _FakeGpu:
+  platform, compute_capability = "gpu", "9.0"
+
+
+def test_auto_takes_the_kernel_on_one_nvidia_gpu_only(monkeypatch):
+  assert resolve_impl("auto") == "xla"  # this CPU
+  assert resolve_impl("pallas") == "pallas" and resolve_impl("xla") == "xla"
+  monkeypatch.setattr(jax, "devices", lambda *a: [_FakeGpu()])
+  assert resolve_impl("auto") == "pallas"
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("data",))
+  with sh.activation_sharding(mesh, {}):  # one device: still the kernel
+    assert resolve_impl("auto") == "pallas"
+  with sh.activation_sharding(jax.sharding.AbstractMesh((2,), ("data",)), {}):  # several: XLA until the kernel is measured under the loss's shard_map
+    assert resolve_impl("auto") == "xla"
 
 
 def test_lowers_to_one_triton_kernel_at_the_0_5b_chunk(triton_h100):

@@ -12,7 +12,9 @@ variadic reduction), where `jax.nn.logsumexp` reads them twice (max, then sum). 
 dominate the loss's memory traffic: per chunk they are written once, read for the log-sum-exp, read again for the
 gradient. `impl="pallas"` (`train.loss_impl`) hands each chunk's logits to one Pallas kernel (kernels/xent) that
 forms the log-sum-exp (one exponential an element), the target logit and dlogits in two streams over the row,
-where XLA's one-pass reduction is bound by its two exponentials an element on bf16 logits. `logits_dtype` picks
+where XLA's one-pass reduction is bound by its two exponentials an element on bf16 logits (on an H200 the kernel
+made the 0.5B step 1.3 % faster: benchmarks/RESULTS.md, session 11; `auto`, the default, takes it on NVIDIA
+GPUs). `logits_dtype` picks
 the dtype the LM-head matmul writes them in: float32 (default) or bfloat16 (half the traffic, and what the
 transformers peer does; the softmax arithmetic stays fp32 either way).
 
@@ -145,15 +147,29 @@ def _local_sum(h_btd, w_vd, targets_bt, mask_bt, chunk: int, dtype, impl: str, r
   return _chunked_sum(row_axes, dtype, impl, split(h_btd), w_vd, split(targets_bt), split(mask_bt))
 
 
-def cross_entropy(h_btd, embed_vd, targets_bt, mask_bt=None, *, chunk: int = 0, logits_dtype: str = "float32",
-                  impl: str = "xla"):
-  """Returns (sum of token losses, number of tokens counted), both fp32 scalars. `chunk` = tokens per chunk
-  (over the whole batch; 0 = one chunk); `logits_dtype`: the LM-head matmul's output dtype, "float32" or
-  "bfloat16"; `impl`: "xla" or "pallas" (kernels/xent for the training pass) (see the module docstring)."""
-  if logits_dtype not in LOGITS_DTYPES:
-    raise ValueError(f"train.logits_dtype={logits_dtype!r} is not one of {LOGITS_DTYPES}")
+def resolve_impl(impl: str) -> str:
+  """train.loss_impl as run: "auto" is "pallas" on one NVIDIA GPU (the Triton kernel) and "xla" elsewhere: on a
+  CPU or TPU the kernel would run in Pallas' interpreter, and on a mesh of several GPUs (the kernel per device
+  under the loss's shard_map) it has not been measured yet."""
   if impl not in LOSS_IMPLS:
     raise ValueError(f"train.loss_impl={impl!r} is not one of {LOSS_IMPLS}")
+  if impl != "auto":
+    return impl
+  dev = jax.devices()[0]
+  ctx = sh.active_mesh()
+  one_device = ctx is None or ctx[0].size == 1
+  return "pallas" if dev.platform == "gpu" and getattr(dev, "compute_capability", None) and one_device else "xla"
+
+
+def cross_entropy(h_btd, embed_vd, targets_bt, mask_bt=None, *, chunk: int = 0, logits_dtype: str = "float32",
+                  impl: str = "auto"):
+  """Returns (sum of token losses, number of tokens counted), both fp32 scalars. `chunk` = tokens per chunk
+  (over the whole batch; 0 = one chunk); `logits_dtype`: the LM-head matmul's output dtype, "float32" or
+  "bfloat16"; `impl`: "auto", "xla" or "pallas" (kernels/xent for the training pass; `resolve_impl`) (see the
+  module docstring)."""
+  if logits_dtype not in LOGITS_DTYPES:
+    raise ValueError(f"train.logits_dtype={logits_dtype!r} is not one of {LOGITS_DTYPES}")
+  impl = resolve_impl(impl)
   dtype = jnp.dtype(logits_dtype)
   mask_bt = jnp.ones(targets_bt.shape, jnp.float32) if mask_bt is None else mask_bt.astype(jnp.float32)
   w_vd = embed_vd.astype(h_btd.dtype)  # the compute-dtype table; its gradient flows back to the fp32 parameter
