@@ -15,8 +15,7 @@ session 10).
 One program per row streams the row twice in tiles of `block_v` columns:
   pass 1: a running max and a sum of exp rescaled once per tile (one exponential an element), and the target's
           logit (the tile that holds column y_r contributes it);
-  pass 2: exp(x - lse) minus the one-hot, times m_r, stored in out_dtype; by default from the row's last tile
-          back to its first, so it starts where pass 1 ended, on tiles still in L2.
+  pass 2: exp(x - lse) minus the one-hot, times m_r, stored in out_dtype.
 So HBM sees two reads of the logits and one write of dlogits, where XLA reads them twice (or three times with a
 two-pass log-sum-exp) besides. No array is padded: the last tile starts at V - block_v (it overlaps the one
 before, and only its new columns count), so no load or store leaves the row; V >= block_v is required (the
@@ -43,7 +42,7 @@ def _tile(j, v: int, bv: int):
   return c0, cols, cols >= j * bv
 
 
-def _xent_kernel(y_ref, m_ref, x_ref, lse_ref, tgt_ref, dx_ref, *, v: int, bv: int, backward: bool):
+def _xent_kernel(y_ref, m_ref, x_ref, lse_ref, tgt_ref, dx_ref, *, v: int, bv: int):
   r = pl.program_id(0)
   y = y_ref[r]
   tiles = pl.cdiv(v, bv)
@@ -63,8 +62,7 @@ def _xent_kernel(y_ref, m_ref, x_ref, lse_ref, tgt_ref, dx_ref, *, v: int, bv: i
   tgt_ref[r] = t
   weight = m_ref[r]
 
-  def grads(i, carry):
-    j = tiles - 1 - i if backward else i
+  def grads(j, carry):
     c0, cols, own = _tile(j, v, bv)
     x = x_ref[r, pl.ds(c0, bv)].astype(jnp.float32)
     d = (jnp.exp(x - lse) - jnp.where(cols == y, 1.0, 0.0)) * weight
@@ -86,11 +84,11 @@ def reference(logits_rv, targets_r, weights_r, *, out_dtype=None):
 
 
 def softmax_xent(logits_rv, targets_r, weights_r, *, out_dtype=None, block_v: int = 2048, num_warps: int = 4,
-                 num_stages: int = 1, backward: bool = True, interpret: bool | None = None):
+                 num_stages: int = 1, interpret: bool | None = None):
   """(lse [R] fp32, target logit [R] fp32, dlogits [R, V] out_dtype (default: the logits' dtype)); see the module
   docstring. `weights_r` multiplies each row's dlogits (the token mask); targets must lie in [0, V).
-  `block_v`, `num_warps`, `num_stages`: the tile width and Triton's launch parameters; `backward`: pass 2 walks
-  the row from its end, so it starts on the tiles pass 1 read last (the ones most likely still in L2)."""
+  `block_v`, `num_warps`, `num_stages`: the tile width and Triton's launch parameters (the defaults measured
+  fastest at the 0.5B chunk on an H200, benchmarks/RESULTS.md session 11)."""
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   if logits_rv.ndim != 2 or targets_r.shape != logits_rv.shape[:1] or weights_r.shape != logits_rv.shape[:1]:
@@ -107,7 +105,7 @@ def softmax_xent(logits_rv, targets_r, weights_r, *, out_dtype=None, block_v: in
     # which the varying-axes check rejects: off the GPU, per device, the same math in jnp.
     return reference(logits_rv, targets_r, weights_r, out_dtype=out_dtype)
   return pl.pallas_call(
-      functools.partial(_xent_kernel, v=v, bv=bv, backward=backward),
+      functools.partial(_xent_kernel, v=v, bv=bv),
       out_shape=(jax.ShapeDtypeStruct((r,), jnp.float32, manual_axis_type=mat),
                  jax.ShapeDtypeStruct((r,), jnp.float32, manual_axis_type=mat),
                  jax.ShapeDtypeStruct((r, v), out_dtype, manual_axis_type=mat)),
