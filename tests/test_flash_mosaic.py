@@ -17,6 +17,7 @@ from efficientllm_jax.config import ConfigError
 from efficientllm_jax.kernels.flash import mosaic
 from efficientllm_jax.kernels.flash.reference import reference_attention
 from efficientllm_jax.models.attention import ops
+from efficientllm_jax.parallel import sharding as sh
 
 
 def _qkv(seed, b, t, h, kvh, d, dtype=jnp.bfloat16):
@@ -126,15 +127,17 @@ def test_attention_impl_mosaic_dispatch(monkeypatch):
 
 def test_auto_takes_mosaic_where_measured_faster(monkeypatch, caplog):
   """attention.impl=auto on a Hopper GPU: the Mosaic kernels at the head dims and lengths where they beat cuDNN
-  (MOSAIC_AUTO_MAX_SEQ: d 64 to 32K, d 128 to 8K), cuDNN beyond, for calls they cannot take, and before Hopper."""
+  (MOSAIC_AUTO_MAX_SEQ: d 64 to 32K, d 128 to 8K) with enough dk / dv CTAs a device (MOSAIC_AUTO_MIN_DKV_CTAS),
+  cuDNN beyond, for calls they cannot take, and before Hopper."""
   monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(ops, "_compute_capability", lambda: (9, 0))
   monkeypatch.setattr(ops, "mosaic_attention", lambda q, k, v, scale: "mosaic")
   monkeypatch.setattr(ops, "cudnn_attention", lambda q, k, v, scale, window=0: "cudnn")
 
-  def auto(t, d, h=12, kvh=2, **kw):
-    q = jax.ShapeDtypeStruct((1, t, h, d), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((1, t, kvh, d), jnp.bfloat16)
+  def auto(t, d, h=12, kvh=2, b=None, **kw):  # b: the measured sweep's 16384 tokens by default
+    b = b or max(1, 16384 // t)
+    q = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((b, t, kvh, d), jnp.bfloat16)
     return ops.attention(q, kv, kv, impl="auto", **kw)
 
   with caplog.at_level(logging.INFO):
@@ -145,6 +148,17 @@ def test_auto_takes_mosaic_where_measured_faster(monkeypatch, caplog):
   assert auto(8192, 128, window=1024) == "cudnn"  # no window in the Mosaic kernels
   assert auto(8000, 128) == "cudnn"  # T not a multiple of 128
   assert auto(8192, 192) == "cudnn"
+  # the 0.5B step at micro-batch 1: 1 x 2 K/V heads x 64 key blocks = 128 CTAs, under the 256 measured to win
+  assert ops.mosaic_dkv_ctas(jax.ShapeDtypeStruct((1, 8192, 14, 64), jnp.bfloat16),
+                             jax.ShapeDtypeStruct((1, 8192, 2, 64), jnp.bfloat16)) == 128
+  with caplog.at_level(logging.INFO):
+    assert auto(8192, 64, 14, 2, b=1) == "cudnn"
+  assert "dk / dv kernel would launch 128 CTAs a device, below ops.MOSAIC_AUTO_MIN_DKV_CTAS=256" in caplog.text
+  assert auto(8192, 64, 14, 2, b=2) == auto(8192, 64, 14, 2, b=4) == "mosaic"
+  assert auto(2048, 64, b=1) == "cudnn"
+  # per device: micro-batch 4 split over data=4 is one sequence a device
+  with sh.activation_sharding(jax.sharding.AbstractMesh((4,), ("data",)), {"batch": "data"}):
+    assert auto(8192, 64, 14, 2, b=4) == "cudnn"
   monkeypatch.setattr(ops, "_compute_capability", lambda: (8, 0))
   assert auto(8192, 128) == "cudnn"
 

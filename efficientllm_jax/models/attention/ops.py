@@ -13,8 +13,8 @@ Variants (gqa.py, mla.py, ...) build q/k/v; `attention()` picks the kernel by `i
          causal self-attention without bias or window, q/k/v head dims 64 or 128, T a multiple of 128, bf16/fp16;
          anything else is a ConfigError naming the reason. Its backward: `mosaic_blocks`.
   auto   GPU: pallas for a bias measured faster there (ALiBi, T5: `pallas_on_gpu`), else mosaic on a Hopper GPU
-         where `mosaic_supports` says it applies and `MOSAIC_AUTO_MAX_SEQ` says it was measured faster than
-         cuDNN, else cudnn where `cudnn_supports` says it applies, else xla (the reason is logged once);
+         where `mosaic_supports` says it applies and `MOSAIC_AUTO_MAX_SEQ` / `MOSAIC_AUTO_MIN_DKV_CTAS` say it
+         was measured faster than cuDNN, else cudnn where `cudnn_supports` says it applies, else xla (the reason is logged once);
          TPU: pallas where `pallas_supports` says it applies, else xla; CPU: xla.
 Layouts: q [B, T, H, Dqk], k [B, S, K, Dqk], v [B, S, K, Dv] with H % K == 0 (query head h uses K/V head
 h // (H / K), the grouping of jax.nn.dot_product_attention). Query i sits at position q_offset + i, key j at j.
@@ -220,11 +220,29 @@ def mosaic_supports(q, k, v, bias, window: int = 0) -> str | None:
 # measured at least as fast as cuDNN's (benchmarks/RESULTS.md, session 9, H200, causal GQA 12/2, 14/2, 16/2:
 # d 64 1.05-1.54x at 2K, 8K and 32K; d 128 1.01-1.20x at 2K and 8K, 0.92-0.93x at 32K).
 MOSAIC_AUTO_MAX_SEQ = {64: 32768, 128: 8192}
+# ... and only when their dk / dv kernel has at least this many CTAs per device (batch x K/V heads x key blocks of
+# 128): one per key block, the first doing all the causal work and the last almost none, so with fewer CTAs than
+# about two per SM the step waits on the longest ones. Measured (H200, 132 SMs, session 11, the unrolled 0.5B step,
+# d 64, 14/2 heads, 8K, interleaved): 128 CTAs (micro-batch 1) cuDNN 11 % faster (86.0 against 96.3 ms; the dk / dv
+# kernel 31.4 ms against cuDNN's backward 19.4); 256 (micro-batch 2) Mosaic 3 % faster (151.0 against 155.7 ms).
+MOSAIC_AUTO_MIN_DKV_CTAS = 256
+
+
+def mosaic_dkv_ctas(q, k) -> int:
+  """CTAs of the Mosaic dk / dv kernel on one device: its batch and K/V heads as per_shard splits them."""
+  mesh, batch, heads = _split_axes((q, k), ("bthd", "bskd"))
+  split = lambda axes: math.prod(mesh.shape[a] for a in axes) if axes else 1  # noqa: E731
+  return (k.shape[0] // split(batch)) * (k.shape[2] // split(heads)) * (k.shape[1] // 128)
 
 
 def mosaic_auto(q, k, v, bias, window: int = 0) -> bool:
   """Whether auto takes the Mosaic GPU kernels for this call (a Hopper GPU, a shape they take and won on)."""
   if jax.default_backend() != "gpu" or q.shape[1] > MOSAIC_AUTO_MAX_SEQ.get(q.shape[-1], 0):
+    return False
+  if mosaic_dkv_ctas(q, k) < MOSAIC_AUTO_MIN_DKV_CTAS:
+    _log_once(f"attention: auto takes cuDNN, not the Mosaic GPU kernels: their dk / dv kernel would launch "
+              f"{mosaic_dkv_ctas(q, k)} CTAs a device, below ops.MOSAIC_AUTO_MIN_DKV_CTAS="
+              f"{MOSAIC_AUTO_MIN_DKV_CTAS} (a larger micro-batch fills the GPU)")
     return False
   return mosaic_supports(q, k, v, bias, window) is None
 
@@ -251,16 +269,12 @@ def mosaic_attention(q, k, v, *, scale: float):
                                                         q, k, v))(q, k, v)
 
 
-def per_shard(fn, *args, layouts: tuple[str, ...] = ("bthd", "bskd", "bskd"), out_layouts="bthd"):
-  """fn(*args) on each device's share of the batch (and of the heads, under tensor parallelism, when every head
-  count divides): a Pallas kernel is a custom call XLA cannot partition, so on a mesh it would otherwise gather
-  the whole arrays onto every device. `layouts` name each argument's dims, `out_layouts` each output's (a string,
-  or a tuple of them for a tuple of outputs): "b" the batch, "h" query heads, "k" K/V heads, any other letter a dim
-  that stays whole (e.g. "nh" for per-head coefficients without a batch dim). No active mesh, or nothing split:
-  fn(*args)."""
+def _split_axes(args, layouts):
+  """(mesh, batch axes, head axes) per_shard splits `args` over: the batch over the data-like axes, the heads over
+  the tensor axes when every head count divides; (None, (), ()) with no active mesh."""
   ctx = sh.active_mesh()
   if ctx is None:
-    return fn(*args)
+    return None, (), ()
   mesh, rules = ctx
 
   def dims(letters):  # the sizes of every argument's dims named by `letters`
@@ -271,6 +285,17 @@ def per_shard(fn, *args, layouts: tuple[str, ...] = ("bthd", "bskd", "bskd"), ou
   heads = tuple(a for a in sh.mesh_axes(rules.get("act_heads")) if mesh.shape[a] > 1 and a not in batch)
   if any(n % math.prod(mesh.shape[a] for a in heads) for n in dims("hk")):
     heads = ()  # e.g. MQA's one K/V head under tensor=2: the heads stay whole (GQA groups must not be cut)
+  return mesh, batch, heads
+
+
+def per_shard(fn, *args, layouts: tuple[str, ...] = ("bthd", "bskd", "bskd"), out_layouts="bthd"):
+  """fn(*args) on each device's share of the batch (and of the heads, under tensor parallelism, when every head
+  count divides): a Pallas kernel is a custom call XLA cannot partition, so on a mesh it would otherwise gather
+  the whole arrays onto every device. `layouts` name each argument's dims, `out_layouts` each output's (a string,
+  or a tuple of them for a tuple of outputs): "b" the batch, "h" query heads, "k" K/V heads, any other letter a dim
+  that stays whole (e.g. "nh" for per-head coefficients without a batch dim). No active mesh, or nothing split:
+  fn(*args)."""
+  mesh, batch, heads = _split_axes(args, layouts)
   if not batch and not heads:
     return fn(*args)
   axes = {"b": batch or None, "h": heads or None, "k": heads or None}
@@ -306,7 +331,7 @@ def attention(q, k, v, *, impl: str = "auto", scale: float | None = None, bias=N
     return mosaic_attention(q, k, v, scale=scale)
   if impl == "auto" and mosaic_auto(q, k, v, bias, window):
     _log_once(f"attention: auto takes the Mosaic GPU kernels (head dim {q.shape[-1]}, T {q.shape[1]}; measured "
-              "faster than cuDNN there, ops.MOSAIC_AUTO_MAX_SEQ)")
+              "faster than cuDNN there, ops.MOSAIC_AUTO_MAX_SEQ and MOSAIC_AUTO_MIN_DKV_CTAS)")
     return mosaic_attention(q, k, v, scale=scale)
   if impl in ("auto", "cudnn"):
     reason = cudnn_supports(q, k, v, bias)
