@@ -1,6 +1,8 @@
 """kernels/xent (softmax cross-entropy rows in one Pallas kernel) in interpret mode against float64 numpy, the loss
 with train.loss_impl=pallas against the closed form, and the kernel's lowering to Triton for an H100 (no GPU)."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,11 +101,13 @@ class _FakeGpu:
   platform, compute_capability = "gpu", "9.0"
 
 
-def test_auto_takes_the_kernel_on_one_nvidia_gpu_only(monkeypatch):
+def test_auto_takes_the_kernel_on_one_nvidia_gpu_only(monkeypatch, caplog):
   assert resolve_impl("auto") == "xla"  # this CPU
   assert resolve_impl("pallas") == "pallas" and resolve_impl("xla") == "xla"
   monkeypatch.setattr(jax, "devices", lambda *a: [_FakeGpu()])
-  assert resolve_impl("auto") == "pallas"
+  with caplog.at_level(logging.INFO):
+    assert resolve_impl("auto") == "pallas"
+  assert "train.loss_impl=auto takes pallas (the Triton kernel, kernels/xent, platform gpu)" in caplog.text
   mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("data",))
   with sh.activation_sharding(mesh, {}):  # one device: still the kernel
     assert resolve_impl("auto") == "pallas"

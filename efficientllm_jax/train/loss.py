@@ -28,6 +28,7 @@ all-reduced fp32 partial logits per chunk (FSDP; 673 ms of a 1.28 s 0.5B fsdp4 s
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import jax
@@ -158,7 +159,15 @@ def resolve_impl(impl: str) -> str:
   dev = jax.devices()[0]
   ctx = sh.active_mesh()
   one_device = ctx is None or ctx[0].size == 1
-  return "pallas" if dev.platform == "gpu" and getattr(dev, "compute_capability", None) and one_device else "xla"
+  impl = "pallas" if dev.platform == "gpu" and getattr(dev, "compute_capability", None) and one_device else "xla"
+  _log_choice(impl, dev.platform, one_device)
+  return impl
+
+
+@functools.cache
+def _log_choice(impl: str, platform: str, one_device: bool) -> None:
+  why = {"pallas": "the Triton kernel, kernels/xent", "xla": "XLA" + ("" if one_device else ": several devices")}
+  logging.info("loss: train.loss_impl=auto takes %s (%s)", impl, f"{why[impl]}, platform {platform}")
 
 
 def cross_entropy(h_btd, embed_vd, targets_bt, mask_bt=None, *, chunk: int = 0, logits_dtype: str = "float32",
