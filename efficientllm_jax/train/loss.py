@@ -13,10 +13,9 @@ dominate the loss's memory traffic: per chunk they are written once, read for th
 gradient. `impl="pallas"` (`train.loss_impl`) hands each chunk's logits to one Pallas kernel (kernels/xent) that
 forms the log-sum-exp (one exponential an element), the target logit and dlogits in two streams over the row,
 where XLA's one-pass reduction is bound by its two exponentials an element on bf16 logits (on an H200 the kernel
-made the 0.5B step 1.3 % faster: benchmarks/RESULTS.md, session 11; `auto`, the default, takes it on NVIDIA
-GPUs). `logits_dtype` picks
-the dtype the LM-head matmul writes them in: float32 (default) or bfloat16 (half the traffic, and what the
-transformers peer does; the softmax arithmetic stays fp32 either way).
+made the 0.5B step 1.3 % faster: benchmarks/RESULTS.md, session 11; `auto`, the default, takes it on one NVIDIA
+GPU). `logits_dtype` picks the dtype the LM-head matmul writes them in: float32 (default) or bfloat16 (half the
+traffic, and what the transformers peer does; the softmax arithmetic stays fp32 either way).
 
 With an active mesh (parallel/sharding.activation_sharding) the loss runs under `shard_map` over the mesh axes
 the batch dimension is split over: each device takes its own rows and the whole table (gathered once, not once

@@ -14,7 +14,8 @@ Variants (gqa.py, mla.py, ...) build q/k/v; `attention()` picks the kernel by `i
          anything else is a ConfigError naming the reason. Its backward: `mosaic_blocks`.
   auto   GPU: pallas for a bias measured faster there (ALiBi, T5: `pallas_on_gpu`), else mosaic on a Hopper GPU
          where `mosaic_supports` says it applies and `MOSAIC_AUTO_MAX_SEQ` / `MOSAIC_AUTO_MIN_DKV_CTAS` say it
-         was measured faster than cuDNN, else cudnn where `cudnn_supports` says it applies, else xla (the reason is logged once);
+         was measured faster than cuDNN, else cudnn where `cudnn_supports` says it applies, else xla (the reason
+         is logged once);
          TPU: pallas where `pallas_supports` says it applies, else xla; CPU: xla.
 Layouts: q [B, T, H, Dqk], k [B, S, K, Dqk], v [B, S, K, Dv] with H % K == 0 (query head h uses K/V head
 h // (H / K), the grouping of jax.nn.dot_product_attention). Query i sits at position q_offset + i, key j at j.
@@ -229,19 +230,21 @@ MOSAIC_AUTO_MIN_DKV_CTAS = 256
 
 
 def mosaic_dkv_ctas(q, k) -> int:
-  """CTAs of the Mosaic dk / dv kernel on one device: its batch and K/V heads as per_shard splits them."""
+  """CTAs of the Mosaic dk / dv kernel on one device: its batch and K/V heads as per_shard splits them, times its
+  key blocks (two warpgroups of mosaic.ROWS keys each)."""
+  from efficientllm_jax.kernels.flash import mosaic  # noqa: PLC0415
   mesh, batch, heads = _split_axes((q, k), ("bthd", "bskd"))
   split = lambda axes: math.prod(mesh.shape[a] for a in axes) if axes else 1  # noqa: E731
-  return (k.shape[0] // split(batch)) * (k.shape[2] // split(heads)) * (k.shape[1] // 128)
+  return (k.shape[0] // split(batch)) * (k.shape[2] // split(heads)) * (k.shape[1] // (2 * mosaic.ROWS))
 
 
 def mosaic_auto(q, k, v, bias, window: int = 0) -> bool:
   """Whether auto takes the Mosaic GPU kernels for this call (a Hopper GPU, a shape they take and won on)."""
   if jax.default_backend() != "gpu" or q.shape[1] > MOSAIC_AUTO_MAX_SEQ.get(q.shape[-1], 0):
     return False
-  if mosaic_dkv_ctas(q, k) < MOSAIC_AUTO_MIN_DKV_CTAS:
+  if (ctas := mosaic_dkv_ctas(q, k)) < MOSAIC_AUTO_MIN_DKV_CTAS:
     _log_once(f"attention: auto takes cuDNN, not the Mosaic GPU kernels: their dk / dv kernel would launch "
-              f"{mosaic_dkv_ctas(q, k)} CTAs a device, below ops.MOSAIC_AUTO_MIN_DKV_CTAS="
+              f"{ctas} CTAs a device, below ops.MOSAIC_AUTO_MIN_DKV_CTAS="
               f"{MOSAIC_AUTO_MIN_DKV_CTAS} (a larger micro-batch fills the GPU)")
     return False
   return mosaic_supports(q, k, v, bias, window) is None
