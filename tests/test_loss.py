@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from efficientllm_jax.train.loss import cross_entropy, logsumexp_one_pass
+from efficientllm_jax.train.loss import cross_entropy, logsumexp_one_pass, xla_rows
 
 
 def _numpy_ce(h, e, y, mask):
@@ -78,6 +78,23 @@ def test_bf16_compute_is_close_and_gradient_dtypes_follow_inputs():
   np.testing.assert_allclose(float(value), ref_total, rtol=2e-2)
   np.testing.assert_allclose(np.asarray(dh, np.float32), ref_dh, atol=2e-2 * np.abs(ref_dh).max())
   np.testing.assert_allclose(np.asarray(de), ref_de, atol=2e-2 * np.abs(ref_de).max())
+
+
+def test_table_gradient_is_the_fp32_sum_never_rounded():
+  """With bf16 hidden states and the fp32 table (one chunk), the table's gradient is dlogits^T h summed in fp32 and
+  returned as it is: equal to the float64 sum of the step's own bf16 dlogits (recomputed here by xla_rows on the
+  same logits) to fp32 accuracy, where rounding it to bf16 on the way out would be off by up to 2^-9."""
+  rng = np.random.default_rng(4)
+  h = jnp.asarray(rng.normal(size=(2, 16, 32)), jnp.bfloat16)
+  e = jnp.asarray(0.3 * rng.normal(size=(64, 32)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 64, size=(2, 16)))
+  de = jax.jit(jax.grad(lambda e: cross_entropy(h, e, y, impl="xla")[0]))(e)
+  assert de.dtype == jnp.float32
+  logits = jnp.einsum("bcd,vd->bcv", h, e.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+  _, _, d = xla_rows(logits, y, jnp.ones(y.shape, jnp.float32), jnp.bfloat16)
+  ref = np.einsum("bcv,bcd->vd", np.asarray(d, np.float64), np.asarray(h, np.float64))
+  np.testing.assert_allclose(np.asarray(de), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+  assert np.abs(np.asarray(de, np.float64) - np.asarray(de.astype(jnp.bfloat16), np.float64)).max() > 0
 
 
 def test_one_pass_logsumexp_matches_numpy():

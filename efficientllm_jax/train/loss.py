@@ -3,9 +3,12 @@
 Tokens are processed in chunks along the sequence (the batch dimension stays whole, so a batch sharded over the
 data axes stays sharded). Under differentiation the forward pass of each chunk also forms the gradient: dlogits =
 softmax - onehot (fp32), cast to the compute dtype, then dh = dlogits @ W and dW += dlogits^T @ h with fp32
-accumulation. So the LM head costs three matmuls, all in the compute dtype, where autodiff of a rematerialised
-chunk costs four (the logits twice) and runs the two gradient matmuls on fp32 dlogits (TF32 GEMMs on a GPU, measured
-at 67 ms of a 449 ms Qwen2.5-0.5B step on an H200). Peak logits memory is one chunk: batch x chunk x vocab x 4 B.
+accumulation. The table comes in as stored (fp32) and is cast inside, so its gradient, the fp32 sum over chunks,
+goes back to the parameter as it is (before session 12 it was rounded to the compute dtype first: one bf16
+rounding of a 32K-token sum and an extra pass over the [vocab, hidden] table). So the LM head costs three
+matmuls, all in the compute dtype, where autodiff of a rematerialised chunk costs four (the logits twice) and
+runs the two gradient matmuls on fp32 dlogits (TF32 GEMMs on a GPU, measured at 67 ms of a 449 ms Qwen2.5-0.5B
+step on an H200). Peak logits memory is one chunk: batch x chunk x vocab x 4 B.
 
 The log-sum-exp is one pass over the logits (`logsumexp_one_pass`: a running (max, sum of exp) pair per row, a
 variadic reduction), where `jax.nn.logsumexp` reads them twice (max, then sum). At 151,936 classes the logits
@@ -19,7 +22,8 @@ traffic, and what the transformers peer does; the softmax arithmetic stays fp32 
 
 With an active mesh (parallel/sharding.activation_sharding) the loss runs under `shard_map` over the mesh axes
 the batch dimension is split over: each device takes its own rows and the whole table (gathered once, not once
-per chunk), and the table's gradient is summed over devices once, after the chunk loop. Left to GSPMD, the
+per chunk, in the compute dtype, so there the table's gradient still comes back in that dtype), and the table's
+gradient is summed over devices once, after the chunk loop. Left to GSPMD, the
 reshape into chunks lost the batch sharding: every device computed every row's logits (data parallel) or
 all-reduced fp32 partial logits per chunk (FSDP; 673 ms of a 1.28 s 0.5B fsdp4 step).
 """
@@ -96,11 +100,14 @@ def _chunked_sum(row_axes, dtype, impl, h_kbcd, w_vd, y_kbc, m_kbc):
   """Sum of masked token losses over chunks k (primal: no gradient work). `row_axes`: the shard_map mesh axes the
   rows are split over (() outside shard_map); `dtype`: the logits' dtype; `impl`: "xla" or "pallas" (the forward
   with gradients takes the kernel; this primal-only sum, as in eval, stays in XLA)."""
+  w_vd = w_vd.astype(h_kbcd.dtype)
   body = lambda total, xs: (total + _chunk_loss(xs[0], w_vd, xs[1], xs[2], dtype), None)  # noqa: E731
   return jax.lax.scan(body, _zeros((), row_axes), (h_kbcd, y_kbc, m_kbc))[0]
 
 
-def _chunked_sum_fwd(row_axes, dtype, impl, h_kbcd, w_vd, y_kbc, m_kbc):
+def _chunked_sum_fwd(row_axes, dtype, impl, h_kbcd, w_in, y_kbc, m_kbc):
+  w_vd = w_in.astype(h_kbcd.dtype)  # the compute-dtype table (a no-op when the caller passed it cast)
+
   def body(carry, xs):
     total, dw_vd = carry
     h_bcd, y_bc, m_bc = xs
@@ -119,7 +126,7 @@ def _chunked_sum_fwd(row_axes, dtype, impl, h_kbcd, w_vd, y_kbc, m_kbc):
 
   init = (_zeros((), row_axes), _zeros(w_vd.shape, row_axes))
   (total, dw_vd), dh_kbcd = jax.lax.scan(body, init, (h_kbcd, y_kbc, m_kbc))
-  return total, (dh_kbcd, dw_vd.astype(w_vd.dtype))
+  return total, (dh_kbcd, dw_vd.astype(w_in.dtype))  # fp32 for an fp32 table: its sum is never rounded
 
 
 def _chunked_sum_bwd(row_axes, dtype, impl, res, g):
@@ -180,11 +187,11 @@ def cross_entropy(h_btd, embed_vd, targets_bt, mask_bt=None, *, chunk: int = 0, 
   impl = resolve_impl(impl)
   dtype = jnp.dtype(logits_dtype)
   mask_bt = jnp.ones(targets_bt.shape, jnp.float32) if mask_bt is None else mask_bt.astype(jnp.float32)
-  w_vd = embed_vd.astype(h_btd.dtype)  # the compute-dtype table; its gradient flows back to the fp32 parameter
   count = jnp.sum(mask_bt)
   mesh, axes = sh.batch_axes()
-  if mesh is None:
-    return _local_sum(h_btd, w_vd, targets_bt, mask_bt, chunk, dtype, impl), count
+  if mesh is None:  # the table as stored (fp32): cast inside, its gradient summed and returned in fp32
+    return _local_sum(h_btd, embed_vd, targets_bt, mask_bt, chunk, dtype, impl), count
+  w_vd = embed_vd.astype(h_btd.dtype)  # gathered to every device in the compute dtype
   rows = math.prod(mesh.shape[a] for a in axes)
   per_device_chunk = max(1, chunk // rows) if chunk else 0
 
