@@ -109,13 +109,12 @@ def impls_for(args, dqk: int, window: int, h: int) -> dict[str, Callable]:
   if "xla" in names:
     fns["xla"] = functools.partial(ops.xla_attention, scale=scale, window=window, bias=bias)
   if "mosaic" in names:  # kernels/flash/mosaic.py: causal, no bias or window (a case it cannot take is an error row)
-    params = mosaic.MosaicParams(scale=scale, causal=True, blocks=ops.mosaic_blocks(dqk))  # what impl=mosaic runs
-
     def mosaic_fn(q, k, v):
       why = mosaic.unsupported(q, k, v, window=window, bias=bias)
       if why:
         raise ValueError(why)
-      return mosaic.mosaic_attention(q, k, v, params)
+      blocks = ops.mosaic_blocks(dqk, q.shape[1])  # what impl=mosaic runs
+      return mosaic.mosaic_attention(q, k, v, mosaic.MosaicParams(scale=scale, causal=True, blocks=blocks))
     fns["mosaic"] = mosaic_fn
   fns.update(EXTRA)
   return fns

@@ -65,6 +65,23 @@ def test_interpret_matches_reference(t, h, kvh, d, causal, blocks):
     assert err < 1.5e-2, (name, err)
 
 
+def test_wide_forward_blocks_match_reference():
+  """d 64's forward at a multiple of 256 (ops.mosaic_blocks(64, 512)): 256-key blocks in 3 slots, where the last
+  row block's warpgroups take one unmasked and one masked step (its backward runs in test_attention_impl_mosaic_
+  dispatch at T = 256). Output and log-sum-exp against the fp32 reference."""
+  q, k, v, _ = _qkv(3, 1, 512, 2, 1, 64)
+  p = mosaic.MosaicParams(scale=0.125, causal=True, blocks=ops.mosaic_blocks(64, 512), interpret=True)
+  assert (p.blocks.fwd_k, p.blocks.fwd_stages) == (256, 3)
+  o, lse = jax.jit(lambda q, k, v: mosaic._forward(q, k, v, p))(q, k, v)
+  want = _dense(q, k, v, True)
+  assert float(jnp.abs(o.astype(jnp.float32) - want).max()) < 1.5e-2 * float(jnp.abs(want).max())
+  qf, kf = (x.astype(jnp.float32) for x in (q, jnp.repeat(k, 2, axis=2)))
+  logits = jnp.einsum("bthd,bshd->bhts", qf, kf) * 0.125
+  logits = jnp.where(jnp.tril(jnp.ones((512, 512), bool)), logits, -jnp.inf)
+  ref_lse = jax.nn.logsumexp(logits, axis=-1) * mosaic.LOG2E  # the kernel keeps it in base 2
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=2e-3, atol=2e-3)
+
+
 @pytest.mark.parametrize("h,kvh,d", [(12, 2, 128)])
 def test_mosaic_gpu_lowering_for_cuda(h, kvh, d):
   """The Qwen2.5-1.5B head layout lowers to Mosaic GPU for CUDA (forward and both backwards; d 64 compiled on the
@@ -95,8 +112,15 @@ def test_unsupported_names_the_reason():
   with pytest.raises(ValueError, match=r"multiple of 128 \(got T=200, S=200\)"):
     mosaic.mosaic_attention(q3, k3, v3, p)
   bad = mosaic.MosaicParams(scale=0.125, causal=True, blocks=mosaic.MosaicBlocks(dq_k=32), interpret=True)
-  with pytest.raises(ValueError, match="must be 64 or 128 \\(got 128 / 32 / 64\\)"):
+  with pytest.raises(ValueError, match="dq_k / dkv_q 64 or 128 \\(got 128 / 32 / 64\\)"):
     mosaic.mosaic_attention(q, k, v, bad)
+  neg = mosaic.MosaicParams(scale=0.125, causal=True, blocks=mosaic.MosaicBlocks(fwd_stages=-1), interpret=True)
+  with pytest.raises(ValueError, match=r"stages must be at least 1 and fwd_stages 0 or more \(got 2 / -1\)"):
+    mosaic.mosaic_attention(q, k, v, neg)
+  q6, k6, v6, _ = _qkv(0, 1, 384, 4, 2, 64)  # a multiple of 128, not of 256-key forward blocks
+  wide = mosaic.MosaicParams(scale=0.125, causal=True, blocks=mosaic.MosaicBlocks(fwd_k=256), interpret=True)
+  with pytest.raises(ValueError, match=r"fwd_k=256 needs a sequence length that is a multiple of it \(got 384\)"):
+    mosaic.mosaic_attention(q6, k6, v6, wide)
   # 128-row dk / dv blocks with the fused dq at d 128: 322 KB of buffers (Mosaic GPU's count on lowering: 329864 B)
   q5, k5, v5, _ = _qkv(0, 1, 256, 4, 2, 128)
   big = mosaic.MosaicParams(scale=0.1, causal=True, blocks=mosaic.MosaicBlocks(dkv_q=128, fused_dq=True))
@@ -111,6 +135,9 @@ def test_attention_impl_mosaic_dispatch(monkeypatch):
   and gradients; a call they cannot take, or a GPU that is not a Hopper, is a ConfigError naming the reason."""
   q, k, v, do = _qkv(2, 1, 256, 2, 1, 64)
   assert ops.mosaic_blocks(64) == mosaic.MosaicBlocks(fused_dq=True, dkv_q=128, overlap=False)
+  assert ops.mosaic_blocks(64, 384) == ops.mosaic_blocks(64)  # 256-key forward blocks need a multiple of 256
+  assert ops.mosaic_blocks(64, 8192) == mosaic.MosaicBlocks(fwd_k=256, fwd_stages=3, fused_dq=True, dkv_q=128,
+                                                            overlap=False)
   assert ops.mosaic_blocks(64).heavy_first and ops.mosaic_blocks(128).heavy_first
   got = _out_and_grads(lambda q, k, v: ops.attention(q, k, v, impl="mosaic"), q, k, v, do)
   want = _out_and_grads(lambda q, k, v: ops.attention(q, k, v, impl="xla"), q, k, v, do)
@@ -169,9 +196,11 @@ def test_auto_takes_mosaic_where_measured_faster(monkeypatch, caplog):
     (12, 2, 128, dict()), (12, 2, 128, dict(fused_dq=True)), (14, 2, 64, dict(fused_dq=True, overlap=False)),
     (14, 2, 64, dict(fused_dq=True, dkv_q=128, overlap=False)), (14, 2, 64, dict()),
     (12, 2, 128, dict(heavy_first=False)),
-    # MQA and MHA at 0.5B's d 64 with its blocks (auto sends the attention sweep's mqa / mha 0.5B runs here)
-    (14, 1, 64, dict(fused_dq=True, dkv_q=128, overlap=False)),
-    (14, 14, 64, dict(fused_dq=True, dkv_q=128, overlap=False))])
+    # 0.5B's d 64 blocks at a multiple of 256 (ops.mosaic_blocks(64, 2048)), GQA, MQA and MHA (auto sends the
+    # attention sweep's mqa / mha 0.5B runs here)
+    (14, 2, 64, dict(fwd_k=256, fwd_stages=3, fused_dq=True, dkv_q=128, overlap=False)),
+    (14, 1, 64, dict(fwd_k=256, fwd_stages=3, fused_dq=True, dkv_q=128, overlap=False)),
+    (14, 14, 64, dict(fwd_k=256, fwd_stages=3, fused_dq=True, dkv_q=128, overlap=False))])
 def test_gpu_compiled_matches_cudnn(h, kvh, d, blocks):
   """The compiled kernels vs cuDNN at S = 2048, causal, bf16: outputs and gradients within 2 % of the largest."""
   q, k, v, do = _qkv(1, 1, 2048, h, kvh, d)

@@ -9,6 +9,7 @@ has a "full" barrier per buffer (the TMA's transaction count) and one "free" bar
 warpgroups arrive on when they are done with it; the producer waits on "free" before refilling.
 
   forward  CTA = (b, h, 128 query rows)  streams K, V blocks of `fwd_k` keys   -> o, lse (base 2)
+           (in `fwd_stages` slots; 256-key blocks in 3 slots at d 64: ops.mosaic_blocks)
   dq       CTA = (b, h, 128 query rows)  streams K, V blocks of `dq_k` keys    -> dq (recomputes P and dP)
   dk / dv  CTA = (b, kv head, 128 keys)  streams Q, dO, lse, delta blocks of `dkv_q` rows for every query head of
            the group in turn, so dk and dv sum the G heads in registers (GQA-native, no reduction afterwards)
@@ -79,6 +80,7 @@ class MosaicBlocks:
   dq_k: int = 64  # keys per dq step
   dkv_q: int = 64  # query rows per dk / dv step
   stages: int = 2  # ring slots per streamed operand
+  fwd_stages: int = 0  # the forward's ring slots (0: `stages`)
   fused_dq: bool = False  # backward: dq inside the dk / dv kernel (TMA reduce-add) instead of its own kernel
   overlap: bool = True  # dk / dv: form dS^T while dv's product runs (measured: faster at d 128, slower at d 64)
   heavy_first: bool = True  # causal: CTAs start longest first (see `_grid`); off: row-major sawtooth (slower)
@@ -249,7 +251,7 @@ def _row_cta(g_: int, bk: int, s_len: int, p: MosaicParams):
 
 def _forward(q, k, v, p: MosaicParams):
   b_, t, h_, d, s_len, _, g_ = _dims(q, k)
-  bk, stages, c, dtype = p.blocks.fwd_k, p.blocks.stages, p.scale * LOG2E, q.dtype
+  bk, stages, c, dtype = p.blocks.fwd_k, _fwd_stages(p.blocks), p.scale * LOG2E, q.dtype
 
   def body(q_ref, k_ref, v_ref, o_ref, lse_ref, q_sm, k_sm, v_sm, lse_sm, q_bar, k_bar, v_bar, free, turn_bar):
     b, h, qi, wg, kh, steps = _row_cta(g_, bk, s_len, p)
@@ -596,10 +598,14 @@ def _smem_bytes(d: int, itemsize: int, blocks: MosaicBlocks) -> dict[str, int]:
   st, bq = blocks.stages, blocks.dkv_q
   fused = 2 * 2 * ROWS * bq * itemsize + 2 * math.prod(_dq_block(d, blocks)) * 4 if blocks.fused_dq else 0
   return {
-      "forward": (2 * ROWS * d + 2 * st * blocks.fwd_k * d) * itemsize + 2 * ROWS * 4,
+      "forward": (2 * ROWS * d + 2 * _fwd_stages(blocks) * blocks.fwd_k * d) * itemsize + 2 * ROWS * 4,
       "dq": (4 * ROWS * d + 2 * st * blocks.dq_k * d) * itemsize + 4 * ROWS * 4,
       "dk / dv": (4 * ROWS * d + 2 * st * bq * d) * itemsize + 2 * st * bq * 4 + fused,
   }
+
+
+def _fwd_stages(blocks: MosaicBlocks) -> int:
+  return blocks.fwd_stages or blocks.stages
 
 
 def _smem_misfit(d: int, itemsize: int, blocks: MosaicBlocks) -> str | None:
@@ -616,10 +622,13 @@ def mosaic_attention(q, k, v, params: MosaicParams):
   overflow shared memory)."""
   why = unsupported(q, k, v)
   blocks = params.blocks
-  if why is None and not {blocks.fwd_k, blocks.dq_k, blocks.dkv_q} <= {64, 128}:
-    why = f"MosaicBlocks fwd_k / dq_k / dkv_q must be 64 or 128 (got {blocks.fwd_k} / {blocks.dq_k} / {blocks.dkv_q})"
-  if why is None and blocks.stages < 1:
-    why = f"MosaicBlocks.stages must be at least 1 (got {blocks.stages})"
+  if why is None and (blocks.fwd_k not in (64, 128, 256) or not {blocks.dq_k, blocks.dkv_q} <= {64, 128}):
+    why = (f"MosaicBlocks fwd_k must be 64, 128 or 256 and dq_k / dkv_q 64 or 128 (got {blocks.fwd_k} / "
+           f"{blocks.dq_k} / {blocks.dkv_q})")
+  if why is None and q.shape[1] % blocks.fwd_k:
+    why = f"MosaicBlocks fwd_k={blocks.fwd_k} needs a sequence length that is a multiple of it (got {q.shape[1]})"
+  if why is None and (blocks.stages < 1 or blocks.fwd_stages < 0):
+    why = f"MosaicBlocks.stages must be at least 1 and fwd_stages 0 or more (got {blocks.stages} / {blocks.fwd_stages})"
   if why is None:
     why = _smem_misfit(q.shape[-1], q.dtype.itemsize, blocks)
   if why:

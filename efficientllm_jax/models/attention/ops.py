@@ -250,22 +250,24 @@ def mosaic_auto(q, k, v, bias, window: int = 0) -> bool:
   return mosaic_supports(q, k, v, bias, window) is None
 
 
-def mosaic_blocks(head_dim: int):
-  """The measured-best Mosaic backward per head dim (benchmarks/RESULTS.md, sessions 7 and 8, H200, 8K causal): at
-  d 64 dq fused into the dk / dv kernel over 128-row query blocks, each warpgroup forming the dq of its own 64 rows,
-  dS^T formed before dv's product (0.97x cuDNN, against 0.90-0.93x with 64-row blocks, where the warpgroups take
-  turns at dq); at d 128 the separate dq kernel with the overlap (0.84-0.89x, against 0.79-0.81x fused, whose
-  dk / dv kernel spills registers). Both launch their CTAs longest first (`heavy_first`, session 9: 1.15x and
-  1.10x cuDNN)."""
+def mosaic_blocks(head_dim: int, seq_len: int = 0):
+  """The measured-best Mosaic blocks per head dim (benchmarks/RESULTS.md, sessions 7, 8 and 12, H200, 8K causal): at
+  d 64 dq fused into the dk / dv kernel over 128-row query blocks, each warpgroup forming the dq of its own 64
+  rows, dS^T formed before dv's product (0.97x cuDNN, against 0.90-0.93x with 64-row blocks, where the warpgroups
+  take turns at dq), and, where `seq_len` is a multiple of 256, a forward over 256-key blocks in 3 slots (session
+  12: 1.331 against 1.356 ms at B 4, 14/2 heads; 256 keys in 2 slots was the slower, 1.398); at d 128 the
+  separate dq kernel with the overlap (0.84-0.89x, against 0.79-0.81x fused, whose dk / dv kernel spills
+  registers). Both launch their CTAs longest first (`heavy_first`, session 9: 1.15x and 1.10x cuDNN)."""
   from efficientllm_jax.kernels.flash import mosaic  # noqa: PLC0415
   if head_dim == 64:
-    return mosaic.MosaicBlocks(fused_dq=True, dkv_q=128, overlap=False)
+    wide = dict(fwd_k=256, fwd_stages=3) if seq_len and seq_len % 256 == 0 else {}
+    return mosaic.MosaicBlocks(fused_dq=True, dkv_q=128, overlap=False, **wide)
   return mosaic.MosaicBlocks()
 
 
 def mosaic_attention(q, k, v, *, scale: float):
   from efficientllm_jax.kernels.flash import mosaic  # noqa: PLC0415
-  params = mosaic.MosaicParams(scale=scale, causal=True, blocks=mosaic_blocks(q.shape[-1]),
+  params = mosaic.MosaicParams(scale=scale, causal=True, blocks=mosaic_blocks(q.shape[-1], q.shape[1]),
                                interpret=jax.default_backend() == "cpu")
   # per_shard inside keep_residuals: the residuals are named outside the shard_map, where the remat policy sees them
   return remat.keep_residuals(lambda q, k, v: per_shard(functools.partial(mosaic.mosaic_attention, params=params),
