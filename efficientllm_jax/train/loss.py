@@ -23,9 +23,9 @@ traffic, and what the transformers peer does; the softmax arithmetic stays fp32 
 With an active mesh (parallel/sharding.activation_sharding) the loss runs under `shard_map` over the mesh axes
 the batch dimension is split over: each device takes its own rows and the whole table (gathered once, not once
 per chunk, in the compute dtype, so there the table's gradient still comes back in that dtype), and the table's
-gradient is summed over devices once, after the chunk loop. Left to GSPMD, the
-reshape into chunks lost the batch sharding: every device computed every row's logits (data parallel) or
-all-reduced fp32 partial logits per chunk (FSDP; 673 ms of a 1.28 s 0.5B fsdp4 step).
+gradient is summed over devices once, after the chunk loop. Left to GSPMD, the reshape into chunks lost the batch
+sharding: every device computed every row's logits (data parallel) or all-reduced fp32 partial logits per chunk
+(FSDP; 673 ms of a 1.28 s 0.5B fsdp4 step).
 """
 
 from __future__ import annotations
