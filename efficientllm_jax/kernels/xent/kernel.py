@@ -46,9 +46,10 @@ def _tile(j, v: int, bv: int):
   return c0, cols, cols >= j * bv
 
 
-def _xent_row(r, y_ref, m_ref, x_ref, lse_ref, tgt_ref, dx_ref, *, v: int, bv: int, evict: bool):
-  """Both passes over row r. `evict`: pass 1's loads ask L2 to keep the row (evict_last), pass 2's loads and the
-  dlogits stores to drop it (evict_first), so that pass 2 can find the row still in L2."""
+def _xent_kernel(y_ref, m_ref, x_ref, lse_ref, tgt_ref, dx_ref, *, v: int, bv: int, evict: bool):
+  """Both passes over this program's row. `evict`: pass 1's loads ask L2 to keep the row (evict_last), pass 2's
+  loads and the dlogits stores to drop it (evict_first), so that pass 2 can find the row still in L2."""
+  r = pl.program_id(0)
   y = y_ref[r]
   tiles = pl.cdiv(v, bv)
   keep, drop = ("evict_last", "evict_first") if evict else (None, None)
@@ -79,10 +80,6 @@ def _xent_row(r, y_ref, m_ref, x_ref, lse_ref, tgt_ref, dx_ref, *, v: int, bv: i
   lax.fori_loop(0, tiles, grads, 0)
 
 
-def _xent_kernel(*refs, v: int, bv: int, evict: bool):
-  _xent_row(pl.program_id(0), *refs, v=v, bv=bv, evict=evict)
-
-
 def reference(logits_rv, targets_r, weights_r, *, out_dtype=None):
   """softmax_xent's outputs in jnp (fp32 arithmetic): the kernel's reference, and its stand-in when interpreted
   inside a shard_map."""
@@ -100,7 +97,7 @@ def softmax_xent(logits_rv, targets_r, weights_r, *, out_dtype=None, block_v: in
   docstring. `weights_r` multiplies each row's dlogits (the token mask); targets must lie in [0, V).
   `block_v`, `num_warps`, `num_stages`: the tile width and Triton's launch parameters (the defaults measured
   fastest at the 0.5B chunk on an H200, benchmarks/RESULTS.md session 11). `evict`: the L2 eviction hints of
-  `_xent_row` (measured 6 % faster on that chunk, session 12)."""
+  `_xent_kernel` (measured 6 % faster on that chunk, session 12)."""
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   if logits_rv.ndim != 2 or targets_r.shape != logits_rv.shape[:1] or weights_r.shape != logits_rv.shape[:1]:
