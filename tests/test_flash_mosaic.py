@@ -38,8 +38,11 @@ def _dense(q, k, v, causal):
 
 
 def _out_and_grads(fn, q, k, v, do):
-  out, vjp = jax.vjp(fn, q, k, v)
-  return (out, *vjp(do.astype(out.dtype)))
+  """fn's output and the (q, k, v) gradients for cotangent do, as one compiled program (not op by op)."""
+  def run(q, k, v, do):
+    out, vjp = jax.vjp(fn, q, k, v)
+    return (out, *vjp(do.astype(out.dtype)))
+  return jax.jit(run)(q, k, v, do)
 
 
 @pytest.mark.parametrize("t,h,kvh,d,causal,blocks", [
