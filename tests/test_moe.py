@@ -237,7 +237,8 @@ def test_transformer_adds_moe_losses_and_logs_load():
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, 512)
   batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1)}
-  total, metrics = loss_fn(nnx.state(model, nnx.Param), nnx.graphdef(model), batch, cfg)
+  graphdef, params = nnx.graphdef(model), nnx.state(model, nnx.Param)
+  total, metrics = jax.jit(lambda p, b: loss_fn(p, graphdef, b, cfg))(params, batch)  # one compile, as in training
   assert metrics["moe_load"].shape == (4,)  # per-expert load, averaged over the 2 layers
   np.testing.assert_allclose(jnp.sum(metrics["moe_load"]), 1.0, rtol=1e-6)
   np.testing.assert_allclose(total, metrics["loss"] + metrics["moe_aux_loss"] + metrics["moe_z_loss"], rtol=1e-6)
