@@ -136,6 +136,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   t.b2 = 0.95
   t.eps = 1e-8
   t.clip_norm = 1.0
+  # With model.param_dtype=bfloat16: AdamW updates an fp32 copy of the parameters kept in the optimizer state, and
+  # the bf16 parameters are that copy rounded (train/optimizer.py). False: bf16 parameters are updated in bf16.
+  t.master_weights = False
   t.seed = 0
   t.loss_chunk = 2048  # tokens per cross-entropy chunk (bounds fp32 logits memory); 0 = no chunking
   t.logits_dtype = "float32"  # float32 | bfloat16: the LM-head matmul's output in the loss (bf16: half the traffic)

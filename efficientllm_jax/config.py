@@ -143,6 +143,9 @@ def validate_train(c) -> None:
     raise ConfigError(f"train.logits_dtype={logits_dtype!r} is not float32 or bfloat16: set "
                       "--config.train.logits_dtype=float32 (default) or bfloat16 (half the loss's logits traffic)")
   _one_of(c, "train.loss_impl", LOSS_IMPLS)
+  if _get(c, "train.master_weights") and _get(c, "model.param_dtype") == "float32":
+    raise ConfigError("train.master_weights=True needs 16-bit parameters: set --config.model.param_dtype=bfloat16 "
+                      "(float32 parameters are their own master copy)")
   lr, min_lr = _non_negative(c, "train.lr"), _non_negative(c, "train.min_lr")
   if lr == 0:
     raise ConfigError("train.lr=0 trains nothing: set --config.train.lr to a positive value (EfficientLLM: 1e-4)")

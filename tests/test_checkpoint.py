@@ -256,3 +256,24 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(dataset, tmp_path,
   d = tmp_path / "checkpoints"
   assert sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) == [2, 4]
   assert loop.prepare_workdir(tmp_path, overwrite=False) == 4
+
+
+def test_master_weights_state_round_trips(tmp_path):
+  """train.master_weights: the fp32 copy in the optimizer state is saved and restored bit for bit with the bf16
+  parameters (a resumed run continues from the copy, not from the rounded parameters)."""
+  cfg = small_cfg(every=1, steps=3)
+  cfg.model.param_dtype, cfg.train.master_weights = "bfloat16", True
+  built = step_lib.build(config_lib.validate(cfg))
+  state = built.state.replace(opt_state=built.state.opt_state._replace(
+      master=jax.tree.map(lambda m: m + 1e-5, built.state.opt_state.master)))  # not a rounding of the params
+  ck = ckpt_lib.Checkpointer(cfg, tmp_path)
+  it = data_iter()
+  next(it)
+  assert ck.maybe_save(1, state, it)
+  ck.close()
+  ck = ckpt_lib.Checkpointer(cfg, tmp_path)
+  got = ck.restore(1, built.state, data_iter())
+  ck.close()
+  assert jax.tree.leaves(got.opt_state.master)[0].dtype == jnp.float32
+  assert jax.tree.leaves(got.params)[0].dtype == jnp.bfloat16
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, state)

@@ -26,6 +26,7 @@ BAD = [
     ({"train.b2": 1.0}, r"train.b2=1.0 must be in \[0, 1\)"),
     ({"train.steps": 0}, r"train.steps=0 must be a positive integer"),
     ({"train.logits_dtype": "fp16"}, r"train.logits_dtype='fp16' is not float32 or bfloat16: set --config"),
+    ({"train.master_weights": True}, r"train.master_weights=True needs 16-bit parameters: set --config.model.param_dtype"),
     ({"data.seq_len": 0}, r"data.seq_len=0 must be a positive integer"),
     ({"data.eval_fraction": 0.0}, r"data.eval_fraction=0.0 must be in \(0, 1\)"),
     ({"data.tokenizer": "bpe", "data.bpe_vocab_size": 9000}, r"data.bpe_vocab_size=9000 exceeds model.vocab_size=512"),

@@ -24,6 +24,7 @@ from efficientllm_jax.metrics.efficiency import Efficiency
 from efficientllm_jax.metrics.writers import MetricWriter, progress_line
 from efficientllm_jax.models.transformer import param_counts
 from efficientllm_jax.train import checkpoint as checkpoint_lib
+from efficientllm_jax.train import optimizer
 from efficientllm_jax.train import step as step_lib
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "tb", checkpoint_lib.CHECKPOINTS)
@@ -163,7 +164,8 @@ def _train(cfg, splits, writer, eff: Efficiency, ckpt, resume) -> dict:
   elif resume == 0:
     writer.print(f"restarting from step 0: no finished checkpoint in {ckpt.directory}")
   if not resume and cfg.init.checkpoint:
-    state = state.replace(params=checkpoint_lib.load_init_params(cfg, state.params))
+    params = checkpoint_lib.load_init_params(cfg, state.params)
+    state = state.replace(params=params, opt_state=optimizer.with_params(state.opt_state, params))
     writer.print(f"initial weights: {cfg.init.checkpoint}")
   # --- end checkpoints ---
 

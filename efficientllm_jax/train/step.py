@@ -21,6 +21,7 @@ from flax import nnx, struct
 from efficientllm_jax.models.transformer import Transformer
 from efficientllm_jax.parallel import sharding as sh
 from efficientllm_jax.train.loss import cross_entropy
+from efficientllm_jax.train import optimizer as opt_lib
 from efficientllm_jax.train.optimizer import make_optimizer, schedule
 
 
@@ -112,13 +113,15 @@ def make_train_step(cfg, graphdef, tx, mesh, shardings):
     if accum == 1:
       (_, metrics), grads = grad_fn(state.params, graphdef, jax.tree.map(lambda x: x[0], batch), cfg)
     else:
-      zero_g = jax.tree.map(jnp.zeros_like, state.params)
+      # Under train.master_weights the micro-batches' bf16 gradients are summed in the master dtype.
+      master = opt_lib.master_of(state.opt_state)
+      zero_g = jax.tree.map(jnp.zeros_like, state.params if master is None else master)
       zero_m = jax.eval_shape(lambda: grad_fn(state.params, graphdef, jax.tree.map(lambda x: x[0], batch), cfg)[0][1])
       zero_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_m)
       (grads, metrics), _ = jax.lax.scan(micro, (zero_g, zero_m), batch)
       grads, metrics = jax.tree.map(lambda g: g / accum, (grads, metrics))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = opt_lib.apply_updates(state.params, updates, opt_state)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=lr_fn(state.step))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
