@@ -17,6 +17,7 @@ import grain
 import jax
 import numpy as np
 
+from efficientllm_jax import jax_setup  # noqa: F401 - JAX / Flax settings before anything compiles
 from efficientllm_jax.data import corpus, records, tokenizer as tokenizer_lib
 from efficientllm_jax.data.records import DataError  # noqa: F401 (re-exported: launch catches pipeline.DataError)
 

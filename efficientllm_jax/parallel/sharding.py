@@ -18,6 +18,8 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from efficientllm_jax import jax_setup  # noqa: F401 - JAX / Flax settings before anything compiles
+
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # Default rules: batch over every data-like axis; FSDP shards the embed dimension of weights (ZeRO-3 style);
