@@ -6,7 +6,7 @@ Every other config file starts from `get_config(size)` here and changes only its
 
 import ml_collections
 
-from efficientllm_jax.parallel import sharding
+from efficientllm_jax.parallel import axes
 
 # Qwen2.5 dimensions (PAPERS.md): hidden, layers, heads, kv heads, head dim, SwiGLU width, micro-batch.
 SIZES = {
@@ -156,8 +156,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   ms.coordinator_address = ""  # explicit multi-host setup when not auto-detected
   ms.num_processes = 1
   ms.process_id = 0
-  # Logical axis -> mesh axes (None = replicated); see parallel/sharding.DEFAULT_RULES for the meaning.
-  c.sharding_rules = [list(r) for r in sharding.DEFAULT_RULES]
+  # Logical axis -> mesh axes (None = replicated); see parallel/axes.DEFAULT_RULES for the meaning.
+  c.sharding_rules = [list(r) for r in axes.DEFAULT_RULES]
 
   c.metrics = mt = ml_collections.ConfigDict()  # efficiency metrics (metrics/efficiency.py)
   mt.sample_interval_s = 0.5  # device monitor period (memory, NVML power / utilisation / energy)

@@ -1,14 +1,10 @@
 """efficientllm_jax: EfficientLLM architecture-pretraining benchmark for Qwen2.5-style models in JAX/Flax NNX."""
 
-import flax
-# Imported for its side effect, before anything compiles: it registers a JAX config option that is part of every
-# jit cache key (`pallas_fuser_disable_nested_fuse`). Pallas imports it lazily while tracing the first kernel, so
-# without this the key changed after the first train step and every jitted function compiled a second time (the
-# 0.5B train step on an H200: 20-28 s more in its first steps; tests/test_train.py checks one compile).
-import jax.experimental.pallas.fuser  # noqa: F401
+import sys
 
-# Parameters carry *logical* axis names (vocab, embed, heads, ...) that parallel/ maps to mesh axes through the
-# config's rules table; Flax's eager sharding would read them as mesh axes, so it stays off.
-flax.config.update("flax_always_shard_variable", False)
+# The JAX / Flax settings (jax_setup.py) come with the first module that uses JAX, so the command lines and the
+# config files import this package without loading JAX. A caller that already holds JAX gets them here, at once.
+if "jax" in sys.modules:
+  from efficientllm_jax import jax_setup  # noqa: F401
 
 __version__ = "0.1.0"

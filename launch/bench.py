@@ -14,7 +14,8 @@ from pathlib import Path
 from absl import app, flags
 
 from efficientllm_jax.bench import cli, runner, sweeps, tables
-from efficientllm_jax.data import pipeline
+from efficientllm_jax.data import corpus
+from launch import lazy_flags
 
 cli.define_common_flags()
 flags.adopt_module_key_flags(cli)  # --helpshort lists the shared flags too
@@ -80,7 +81,7 @@ def main(argv):
   print(f"bench: {command} sweep, {FLAGS.scale} scale, {len(variants)} variants -> {FLAGS.results_dir}",
         flush=True)
   smoke = FLAGS.scale == "smoke" and variants
-  env = sweeps.smoke_env(pipeline.cache_dir(sweeps.load_config(variants[0]))) if smoke else None
+  env = sweeps.smoke_env(corpus.cache_dir(sweeps.load_config(variants[0]))) if smoke else None
   outcomes = runner.run_variants(variants, FLAGS.results_dir, force=FLAGS.force, timeout_s=_TIMEOUT.value or None,
                                  stream=_STREAM.value, dry_run=_DRY_RUN.value, env=env, jobs=_JOBS.value)
   if _DRY_RUN.value:
@@ -93,5 +94,14 @@ def main(argv):
     sys.exit(1)
 
 
+def _flags_parser(argv: list[str]) -> list[str]:
+  """cli's parser; grain's flags are defined first when the command line may name one (launch/lazy_flags.py)."""
+  rest, _ = cli.split_overrides(argv[1:])
+  if lazy_flags.may_name_undefined_flag([argv[0], *rest]):
+    from efficientllm_jax.data import pipeline  # noqa: F401 - grain defines its flags on import
+
+  return cli.flags_parser(_OVERRIDES)(argv)
+
+
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.flags_parser(_OVERRIDES))
+  app.run(main, flags_parser=_flags_parser)

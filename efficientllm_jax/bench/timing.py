@@ -7,6 +7,8 @@ import time
 
 import jax
 
+from efficientllm_jax import jax_setup  # noqa: F401 - JAX / Flax settings before anything compiles
+
 
 def median_seconds(fn, args, *, warmup: int = 2, repeats: int = 10, iters: int = 1) -> float:
   """Median wall seconds per call of fn(*args): the compile call and `warmup` calls are left out, and each of the

@@ -13,6 +13,13 @@ from pathlib import Path
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
 
+def cache_dir(cfg) -> Path:
+  """Where tokenizers, tokenised corpora and the smoke suite's compile cache live (data.cache_dir, else
+  $EFFICIENTLLM_CACHE, else ~/.cache/efficientllm_jax)."""
+  d = cfg.data.cache_dir or os.environ.get("EFFICIENTLLM_CACHE") or Path.home() / ".cache" / "efficientllm_jax"
+  return Path(d)
+
+
 def stdlib_root() -> Path:
   return Path(sysconfig.get_paths()["stdlib"])
 

@@ -8,7 +8,6 @@ A source is anything with `__len__` and `__getitem__(i) -> {"inputs": int32[T], 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +16,10 @@ import grain
 import jax
 import numpy as np
 
+from efficientllm_jax import jax_setup  # noqa: F401 - JAX / Flax settings before anything compiles
 from efficientllm_jax.data import corpus, records, tokenizer as tokenizer_lib
+from efficientllm_jax.data.corpus import cache_dir
 from efficientllm_jax.data.records import DataError  # noqa: F401 (re-exported: launch catches pipeline.DataError)
-
-
-def cache_dir(cfg) -> Path:
-  d = cfg.data.cache_dir or os.environ.get("EFFICIENTLLM_CACHE") or Path.home() / ".cache" / "efficientllm_jax"
-  return Path(d)
 
 
 class PackedTokens:

@@ -49,6 +49,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from efficientllm_jax import jax_setup  # noqa: F401 - JAX / Flax settings before anything compiles
 from efficientllm_jax.metrics import flops as flops_lib
 from efficientllm_jax.metrics.monitor import DeviceMonitor, Reading
 

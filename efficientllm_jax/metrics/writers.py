@@ -10,6 +10,8 @@ from pathlib import Path
 import jax
 from tensorboardX import SummaryWriter
 
+from efficientllm_jax import jax_setup  # noqa: F401 - JAX / Flax settings before anything compiles
+
 
 def _num(v):
   try:

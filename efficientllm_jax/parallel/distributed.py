@@ -12,6 +12,8 @@ import os
 
 import jax
 
+from efficientllm_jax import jax_setup  # noqa: F401 - JAX / Flax settings before anything compiles
+
 _done = False
 
 

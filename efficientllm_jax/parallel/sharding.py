@@ -18,30 +18,8 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
-
-# Default rules: batch over every data-like axis; FSDP shards the embed dimension of weights (ZeRO-3 style);
-# tensor parallelism splits heads and the MLP width (Megatron style); experts over `expert`.
-DEFAULT_RULES = (
-    ("batch", ("data", "fsdp", "expert")),
-    ("length", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
-    ("act_expert", "expert"),
-    ("layers", None),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("expert", "expert"),
-    ("q_lora", None),
-    ("kv_lora", None),
-)
+from efficientllm_jax import jax_setup  # noqa: F401 - JAX / Flax settings before anything compiles
+from efficientllm_jax.parallel.axes import DEFAULT_RULES, MESH_AXES  # noqa: F401 (re-exported)
 
 _logged: set[str] = set()
 

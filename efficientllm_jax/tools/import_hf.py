@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from efficientllm_jax import jax_setup  # noqa: F401 - JAX / Flax settings before anything compiles
 from efficientllm_jax.tools import convert
 from efficientllm_jax.tools.convert import ConversionError
 from efficientllm_jax.train.checkpoint import INIT_MODEL, INIT_PARAMS
