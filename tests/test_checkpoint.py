@@ -75,9 +75,12 @@ def losses(workdir: Path) -> dict[int, float]:
 def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(dataset, tmp_path):
   seed = int(time.time() * 1000) % 100_000
   rng = random.Random(seed)
-  kill_after = rng.randint(2, STEPS - 2)  # the step whose log line triggers the kill
-  delay = rng.uniform(0.0, 0.3)  # lands anywhere in the next steps, saves included
-  why = f"(seed {seed}: kill after step {kill_after} + {delay:.2f}s)"
+  kill_after = rng.randint(2, STEPS - 3)  # the step whose log line triggers the kill
+  # The kill lands up to one step period (the time between the last two log lines) after that line: anywhere in
+  # the next step, saves included, and always with >= 2 steps, the final save and the summary still to run. (A
+  # fixed delay of up to 0.3 s outlasted the last steps of this tiny run, which then finished before the kill.)
+  frac = rng.random()
+  why = f"(seed {seed}: kill after step {kill_after} + {frac:.2f} step)"
 
   ref = subprocess.run(launch_cmd(dataset, tmp_path / "ref"), cwd=ROOT, env=env(tmp_path), capture_output=True,
                        text=True, timeout=300)
@@ -87,9 +90,12 @@ def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(datas
   proc = subprocess.Popen(launch_cmd(dataset, work), cwd=ROOT, env=env(tmp_path), stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True)
   try:
+    seen = None  # when the previous step's log line came
     for line in proc.stdout:
+      if re.match(rf"step\s+{kill_after - 1}/{STEPS}\b", line):
+        seen = time.perf_counter()
       if re.match(rf"step\s+{kill_after}/{STEPS}\b", line):
-        time.sleep(delay)
+        time.sleep(frac * (time.perf_counter() - seen))
         proc.send_signal(signal.SIGKILL)
         break
   finally:
