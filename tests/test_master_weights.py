@@ -62,7 +62,7 @@ def test_small_updates_reach_the_parameters_only_through_the_master_copy():
       step = np.abs(np.asarray(m) - np.asarray(m0["blocks"]["ffn"]["up"]["kernel"][...]))
       assert 2e-6 < float(np.median(step)) < 4e-6  # 3 Adam steps of ~lr each, kept in fp32
       np.testing.assert_array_equal(np.asarray(w), np.asarray(m.astype(jnp.bfloat16)))
-  assert moved[False] < 0.03  # only entries within ~1e-4 of zero, where a bf16 step is small enough (1.5 % here)
+  assert moved[False] < 0.03  # only entries within ~1e-4 of zero, where a bf16 step is small enough (1.9 % here)
   assert moved[True] > 3 * moved[False]  # 10 % here: the copy crossed a rounding boundary
 
 
@@ -101,3 +101,18 @@ def test_with_params_resets_the_copy_and_leaves_other_states_alone():
   plain = optax.sgd(0.1).init(p)
   assert optimizer.with_params(plain, p) is plain
   assert optimizer.master_of(plain) is None
+
+
+def test_one_seed_gives_one_model_in_every_parameter_dtype():
+  """Initial weights are drawn in fp32 and rounded: bf16 parameters are the fp32 run's rounded, and the master copy
+  is the fp32 run's draws themselves (the MoE router stays fp32 in every dtype)."""
+  ref = jax.device_get(step_lib.build(tiny_config(**{"ffn.kind": "moe"})).state.params)
+  built = step_lib.build(tiny_config(**{"ffn.kind": "moe", "model.param_dtype": "bfloat16",
+                                        "train.master_weights": True}))
+  params, master = jax.device_get((built.state.params, optimizer.master_of(built.state.opt_state)))
+  dtypes = set()
+  for r, p, m in zip(jax.tree.leaves(ref), jax.tree.leaves(params), jax.tree.leaves(master)):
+    dtypes.add(str(p.dtype))
+    np.testing.assert_array_equal(np.asarray(p), np.asarray(r).astype(p.dtype))
+    np.testing.assert_array_equal(np.asarray(m), np.asarray(r))
+  assert dtypes == {"bfloat16", "float32"}  # the router's kernel stays fp32

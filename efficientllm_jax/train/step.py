@@ -9,6 +9,7 @@ it with those shardings and donate the old state.
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Any, NamedTuple
 
@@ -49,14 +50,28 @@ def state_shardings(cfg, tx, mesh):
   return graphdef, TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated)
 
 
+def _fp32_params(cfg):
+  """`cfg` with model.param_dtype float32 (a copy when it differs)."""
+  if cfg.model.param_dtype == "float32":
+    return cfg
+  c = copy.deepcopy(cfg)
+  c.model.param_dtype = "float32"
+  return c
+
+
 def init_state(cfg, tx: optax.GradientTransformation, mesh):
-  """(graphdef, TrainState, shardings): parameters created sharded inside one jit (no host copy)."""
+  """(graphdef, TrainState, shardings): parameters created sharded inside one jit (no host copy).
+
+  The initial weights are drawn in fp32 whatever model.param_dtype says, then rounded: one seed gives the same
+  model in every parameter dtype, and under train.master_weights the fp32 copy starts from the draws themselves."""
   graphdef, shardings = state_shardings(cfg, tx, mesh)
+  abstract = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
 
   def init(key):
-    model = Transformer(cfg, rngs=nnx.Rngs(key))
-    params = nnx.state(model, nnx.Param)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+    params32 = nnx.state(Transformer(_fp32_params(cfg), rngs=nnx.Rngs(key)), nnx.Param)
+    params = jax.tree.map(lambda p, a: p.astype(a.dtype), params32, abstract)
+    opt_state = tx.init(params32 if cfg.train.master_weights else params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                       rng=jax.random.key_data(jax.random.fold_in(key, 1)))
 
   init = jax.jit(init, out_shardings=shardings, compiler_options=run_once_options())
