@@ -23,7 +23,6 @@ from efficientllm_jax.models.transformer import Transformer
 from efficientllm_jax.parallel import sharding as sh
 from efficientllm_jax.train.loss import cross_entropy
 from efficientllm_jax.train import optimizer as opt_lib
-from efficientllm_jax.train.optimizer import make_optimizer, schedule
 
 
 @struct.dataclass
@@ -37,7 +36,7 @@ class TrainState:
 
 
 def state_shardings(cfg, tx, mesh):
-  """(graphdef, TrainState of NamedShardings) from abstract init: nothing is allocated."""
+  """(graphdef, TrainState of NamedShardings, abstract params) from abstract init: nothing is allocated."""
   abstract_model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   rules = sh.rules_of(cfg)
@@ -47,7 +46,7 @@ def state_shardings(cfg, tx, mesh):
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_sh = sh.like_params(abstract_opt, jax.tree.structure(abstract_params), params_sh, mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return graphdef, TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated)
+  return graphdef, TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated), abstract_params
 
 
 def _fp32_params(cfg):
@@ -64,8 +63,7 @@ def init_state(cfg, tx: optax.GradientTransformation, mesh):
 
   The initial weights are drawn in fp32 whatever model.param_dtype says, then rounded: one seed gives the same
   model in every parameter dtype, and under train.master_weights the fp32 copy starts from the draws themselves."""
-  graphdef, shardings = state_shardings(cfg, tx, mesh)
-  abstract = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+  graphdef, shardings, abstract = state_shardings(cfg, tx, mesh)
 
   def init(key):
     params32 = nnx.state(Transformer(_fp32_params(cfg), rngs=nnx.Rngs(key)), nnx.Param)
@@ -116,7 +114,7 @@ def batch_sharding(cfg, mesh):
 
 
 def make_train_step(cfg, graphdef, tx, mesh, shardings):
-  lr_fn = schedule(cfg)
+  lr_fn = opt_lib.schedule(cfg)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def train_step(state: TrainState, batch):
@@ -185,7 +183,7 @@ class Built(NamedTuple):
 def build(cfg, mesh=None) -> Built:
   """Everything a run needs for a validated config, on `mesh` (default: from config.mesh over all devices)."""
   mesh = mesh if mesh is not None else sh.make_mesh(cfg)
-  tx = make_optimizer(cfg)
+  tx = opt_lib.make_optimizer(cfg)
   graphdef, state, shardings = init_state(cfg, tx, mesh)
   return Built(graphdef, state, make_train_step(cfg, graphdef, tx, mesh, shardings),
                make_eval_step(cfg, graphdef, mesh, shardings), mesh, shardings,
