@@ -335,7 +335,7 @@ def worker(args) -> None:
   if args.worker == "ours":
     label = ";".join(f"{k}={v}" for k, v in override.items() if k != "xla") or "(shared config)"
     if "xla" in override:
-      label += " +XLA_FLAGS"
+      label += f" XLA_FLAGS+={override['xla']}"
     row = run_ours(cfg, "ours " + label, args.steps, args.warmup, args.profile, args.profile_dir, args.profile_top)
   else:
     row = run_peer(cfg, args.steps, args.warmup, args.peer_ckpt)
