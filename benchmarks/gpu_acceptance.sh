@@ -24,8 +24,9 @@
 #                 backward's fused_dq / overlap / dq_k / dkv_q / heavy_first switches at d 128 / 64 against
 #                 cuDNN, interleaved; ~7 minutes),
 #         mesh2 (2 GPUs: the Mosaic attention kernels and the loss kernel per device on a mesh against one device,
-#                tests/test_gpu_mesh.py; then the 0.5B step on data=2, micro-batch 8 (4 a GPU), with `auto` (the
-#                Mosaic kernels), cuDNN and the loss kernel, interleaved in one process; never run yet).
+#                tests/test_gpu_mesh.py; then the 0.5B step on data=2, micro-batch 8 (4 a GPU), with `auto` (cuDNN
+#                and XLA's loss on a mesh), the Mosaic kernels and the loss kernel, interleaved in one process;
+#                never run yet).
 # Results (tables, summaries) are copied to OUTDIR (default $OUT, else results/).
 set -uo pipefail
 stage=$1; out=${2:-${OUT:-results}}
@@ -112,7 +113,7 @@ case $stage in
   mesh2) timeout 240 python -m pytest -q -m gpu tests/test_gpu_mesh.py 2>&1 | tail -4
          timeout 330 python benchmarks/step_ab.py --config=configs/base.py:0.5B --set=train.micro_batch=8 \
            --set=train.logits_dtype=bfloat16 --set=train.loss_chunk=8192 --variant="" \
-           --variant="attention.impl=cudnn" --variant="train.loss_impl=pallas" --rounds=3 --steps=4 2>&1 | tail -12 ;;
+           --variant="attention.impl=mosaic" --variant="train.loss_impl=pallas" --rounds=3 --steps=4 2>&1 | tail -12 ;;
   mosaic) timeout 150 python -m pytest -q -m gpu tests/test_flash_mosaic.py 2>&1 | tail -3
           timeout 200 python benchmarks/attention.py --seq=8192 --dims=128,64 --layouts=12/2,14/2 \
             --impls=mosaic,pallas --json=$out/attn_mosaic.json 2>&1 | grep "^|"

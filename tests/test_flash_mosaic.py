@@ -158,7 +158,7 @@ def test_attention_impl_mosaic_dispatch(monkeypatch):
 def test_auto_takes_mosaic_where_measured_faster(monkeypatch, caplog):
   """attention.impl=auto on a Hopper GPU: the Mosaic kernels at the head dims and lengths where they beat cuDNN
   (MOSAIC_AUTO_MAX_SEQ: d 64 to 32K, d 128 to 8K) with enough dk / dv CTAs a device (MOSAIC_AUTO_MIN_DKV_CTAS),
-  cuDNN beyond, for calls they cannot take, and before Hopper."""
+  cuDNN beyond, on a mesh of several devices, for calls they cannot take, and before Hopper."""
   monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(ops, "_compute_capability", lambda: (9, 0))
   monkeypatch.setattr(ops, "mosaic_attention", lambda q, k, v, scale: "mosaic")
@@ -186,9 +186,19 @@ def test_auto_takes_mosaic_where_measured_faster(monkeypatch, caplog):
   assert "dk / dv kernel would launch 128 CTAs a device, below ops.MOSAIC_AUTO_MIN_DKV_CTAS=256" in caplog.text
   assert auto(8192, 64, 14, 2, b=2) == auto(8192, 64, 14, 2, b=4) == "mosaic"
   assert auto(2048, 64, b=1) == "cudnn"
-  # per device: micro-batch 4 split over data=4 is one sequence a device
+  # CTAs are counted per device: micro-batch 4 split over data=4 is one sequence a device
   with sh.activation_sharding(jax.sharding.AbstractMesh((4,), ("data",)), {"batch": "data"}):
-    assert auto(8192, 64, 14, 2, b=4) == "cudnn"
+    assert ops.mosaic_dkv_ctas(jax.ShapeDtypeStruct((4, 8192, 14, 64), jnp.bfloat16),
+                               jax.ShapeDtypeStruct((4, 8192, 2, 64), jnp.bfloat16)) == 128
+    # on a mesh of several devices auto keeps cuDNN, even with CTAs enough (16 / 4 = 4 sequences a device: 512):
+    # the kernels per device under shard_map have not run on GPUs; impl=mosaic still takes them there
+    with caplog.at_level(logging.INFO):
+      assert auto(8192, 64, 14, 2, b=16) == "cudnn"
+    assert "auto takes cuDNN on a mesh of several devices" in caplog.text
+    assert ops.attention(*(jax.ShapeDtypeStruct((16, 8192, h, 64), jnp.bfloat16) for h in (14, 2, 2)),
+                         impl="mosaic") == "mosaic"
+  with sh.activation_sharding(jax.sharding.AbstractMesh((1,), ("data",)), {"batch": "data"}):
+    assert auto(8192, 64, 14, 2, b=4) == "mosaic"  # a mesh of one device is one device
   monkeypatch.setattr(ops, "_compute_capability", lambda: (8, 0))
   assert auto(8192, 128) == "cudnn"
 

@@ -3,7 +3,8 @@ the loss kernel (kernels/xent), each run per device under a shard_map, against t
 
 On CPU, tests/kernel_mesh_check.py covers the plumbing (shapes each device sees, interpreted kernels, the Mosaic
 kernels lowered for CUDA on a mesh); these run the compiled kernels on the devices themselves, with the operands
-placed as the train step places them (batch over `data`, heads over `tensor`).
+placed as the train step places them (batch over `data`, heads over `tensor`). Until they pass on such a machine,
+`attention.impl=auto` and `train.loss_impl=auto` keep cuDNN and XLA on a mesh of several GPUs.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _attention_and_grads(impl, q, k, v, do, mesh=None):
 @pytest.mark.skipif(jax.default_backend() == "gpu" and ops._compute_capability() != (9, 0),
                     reason="the Mosaic GPU kernels need a Hopper GPU (sm_90)")
 @pytest.mark.parametrize("mesh_sizes,b,h,kvh,d", [
-    (dict(data=2), 4, 14, 2, 64),  # 0.5B's heads, the batch split: what `auto` runs on two GPUs at micro-batch 8
+    (dict(data=2), 4, 14, 2, 64),  # 0.5B's heads, the batch split (its step on two GPUs at micro-batch 8)
     (dict(data=2), 2, 12, 2, 128),  # 1.5B's heads
     (dict(tensor=2), 2, 14, 2, 64),  # the heads split: 7 query heads and their one K/V head a device
 ])

@@ -12,8 +12,8 @@ Variants (gqa.py, mla.py, ...) build q/k/v; `attention()` picks the kernel by `i
   mosaic the Mosaic GPU flash kernels of kernels/flash/mosaic.py (Hopper: TMA + wgmma; interpret mode on CPU):
          causal self-attention without bias or window, q/k/v head dims 64 or 128, T a multiple of 128, bf16/fp16;
          anything else is a ConfigError naming the reason. Its backward: `mosaic_blocks`.
-  auto   GPU: pallas for a bias measured faster there (ALiBi, T5: `pallas_on_gpu`), else mosaic on a Hopper GPU
-         where `mosaic_supports` says it applies and `MOSAIC_AUTO_MAX_SEQ` / `MOSAIC_AUTO_MIN_DKV_CTAS` say it
+  auto   GPU: pallas for a bias measured faster there (ALiBi, T5: `pallas_on_gpu`), else mosaic on one Hopper GPU
+         (not on a mesh of several devices: not yet run there) where `mosaic_supports` says it applies and `MOSAIC_AUTO_MAX_SEQ` / `MOSAIC_AUTO_MIN_DKV_CTAS` say it
          was measured faster than cuDNN, else cudnn where `cudnn_supports` says it applies, else xla (the reason
          is logged once);
          TPU: pallas where `pallas_supports` says it applies, else xla; CPU: xla.
@@ -239,8 +239,14 @@ def mosaic_dkv_ctas(q, k) -> int:
 
 
 def mosaic_auto(q, k, v, bias, window: int = 0) -> bool:
-  """Whether auto takes the Mosaic GPU kernels for this call (a Hopper GPU, a shape they take and won on)."""
+  """Whether auto takes the Mosaic GPU kernels for this call (a Hopper GPU, one device, a shape they take and won
+  on)."""
   if jax.default_backend() != "gpu" or q.shape[1] > MOSAIC_AUTO_MAX_SEQ.get(q.shape[-1], 0):
+    return False
+  if (ctx := sh.active_mesh()) is not None and ctx[0].size > 1:
+    _log_once("attention: auto takes cuDNN on a mesh of several devices: the Mosaic GPU kernels run per device "
+              "there (ops.per_shard), a path not yet run on GPUs (tests/test_gpu_mesh.py, benchmarks/"
+              "gpu_acceptance.sh mesh2); attention.impl=mosaic takes them")
     return False
   if (ctas := mosaic_dkv_ctas(q, k)) < MOSAIC_AUTO_MIN_DKV_CTAS:
     _log_once(f"attention: auto takes cuDNN, not the Mosaic GPU kernels: their dk / dv kernel would launch "
