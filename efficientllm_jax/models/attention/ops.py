@@ -13,9 +13,9 @@ Variants (gqa.py, mla.py, ...) build q/k/v; `attention()` picks the kernel by `i
          causal self-attention without bias or window, q/k/v head dims 64 or 128, T a multiple of 128, bf16/fp16;
          anything else is a ConfigError naming the reason. Its backward: `mosaic_blocks`.
   auto   GPU: pallas for a bias measured faster there (ALiBi, T5: `pallas_on_gpu`), else mosaic on one Hopper GPU
-         (not on a mesh of several devices: not yet run there) where `mosaic_supports` says it applies and `MOSAIC_AUTO_MAX_SEQ` / `MOSAIC_AUTO_MIN_DKV_CTAS` say it
-         was measured faster than cuDNN, else cudnn where `cudnn_supports` says it applies, else xla (the reason
-         is logged once);
+         (not on a mesh of several devices: not yet run there) where `mosaic_supports` says it applies and
+         `MOSAIC_AUTO_MAX_SEQ` / `MOSAIC_AUTO_MIN_DKV_CTAS` say it was measured faster than cuDNN, else cudnn
+         where `cudnn_supports` says it applies, else xla (the reason is logged once);
          TPU: pallas where `pallas_supports` says it applies, else xla; CPU: xla.
 Layouts: q [B, T, H, Dqk], k [B, S, K, Dqk], v [B, S, K, Dv] with H % K == 0 (query head h uses K/V head
 h // (H / K), the grouping of jax.nn.dot_product_attention). Query i sits at position q_offset + i, key j at j.
