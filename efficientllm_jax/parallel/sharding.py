@@ -124,6 +124,12 @@ def active_mesh() -> tuple[Mesh, dict[str, Any]] | None:
   return _ACTIVE[-1] if _ACTIVE else None
 
 
+def active_devices() -> int:
+  """How many devices the innermost activation_sharding context's mesh holds (1 with none): the `auto` choices
+  keep a kernel off meshes of several devices until it has run there."""
+  return _ACTIVE[-1][0].size if _ACTIVE else 1
+
+
 def shard(x, names: Sequence[str | None]):
   """Constrain activation `x` to the mesh axes its logical `names` map to; identity with no active mesh."""
   if not _ACTIVE:

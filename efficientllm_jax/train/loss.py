@@ -163,8 +163,7 @@ def resolve_impl(impl: str) -> str:
   if impl != "auto":
     return impl
   dev = jax.devices()[0]
-  ctx = sh.active_mesh()
-  one_device = ctx is None or ctx[0].size == 1
+  one_device = sh.active_devices() == 1
   impl = "pallas" if dev.platform == "gpu" and getattr(dev, "compute_capability", None) and one_device else "xla"
   _log_choice(impl, dev.platform, one_device)
   return impl

@@ -243,7 +243,7 @@ def mosaic_auto(q, k, v, bias, window: int = 0) -> bool:
   on)."""
   if jax.default_backend() != "gpu" or q.shape[1] > MOSAIC_AUTO_MAX_SEQ.get(q.shape[-1], 0):
     return False
-  if (ctx := sh.active_mesh()) is not None and ctx[0].size > 1:
+  if sh.active_devices() > 1:
     _log_once("attention: auto takes cuDNN on a mesh of several devices: the Mosaic GPU kernels run per device "
               "there (ops.per_shard), a path not yet run on GPUs (tests/test_gpu_mesh.py, benchmarks/"
               "gpu_acceptance.sh mesh2); attention.impl=mosaic takes them")
